@@ -1,0 +1,112 @@
+"""The generic user-data tasks ``jsonl`` and ``csv``: options, validation and loading.
+
+Example::
+
+    build_task("csv", tok, paths={"train": "train.csv", "test": "test.csv"}, text_fields=["premise", "hypothesis"],
+               label_field="label", label_names=["entailment", "neutral", "contradiction"])
+
+Labels are names in ``label_names`` or int indices into it. With ``choices_field`` each row holds its C answer
+options (C = ``len(label_names)``, e.g. ``label_names=["A", "B", "C", "D"]``) and the label is an option position.
+Paths are used as given (``~`` expanded); the data root does not apply to them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+from . import normalize as N
+from .sources import load_file
+
+ROLES = ("train", "validation", "test")
+_EXAMPLE = (
+    "e.g. paths={'train': 'train.jsonl', 'test': 'test.jsonl'}, text_fields=['text'], label_field='label', "
+    "label_names=['negative', 'positive']"
+)
+
+
+@dataclass(frozen=True)
+class GenericOptions:
+    """Validated options of a generic task."""
+
+    paths: dict[str, Path]
+    text_fields: tuple[str, ...]
+    label_field: str
+    label_names: tuple[str, ...]
+    choices_field: str | None = None
+
+    def normalizer(self) -> N.Normalizer:
+        """The row normaliser these options describe."""
+        return N.generic(self.text_fields, self.label_field, self.label_names, self.choices_field)
+
+
+def parse_options(task: str, options: Mapping[str, Any]) -> GenericOptions:
+    """Validate the keyword arguments of a generic task.
+
+    Raises:
+        TypeError: a required option is missing or has the wrong type.
+        ValueError: a bad value (paths without train/test, unknown split names, too few or repeated label names).
+    """
+    missing = [k for k in ("paths", "text_fields", "label_field", "label_names") if options.get(k) is None]
+    if missing:
+        raise TypeError(f"task_kwargs: task {task!r} needs {missing}; got {sorted(options)}; {_EXAMPLE}.")
+    return GenericOptions(
+        paths=_paths(options["paths"]),
+        text_fields=_text_fields(options["text_fields"]),
+        label_field=_field_name("label_field", options["label_field"]),
+        label_names=_label_names(options["label_names"]),
+        choices_field=None
+        if options.get("choices_field") is None
+        else _field_name("choices_field", options["choices_field"]),
+    )
+
+
+def _paths(paths: Any) -> dict[str, Path]:
+    if not isinstance(paths, Mapping):
+        raise TypeError(f"paths: expected a mapping {{split: file}}, got {type(paths).__name__}; {_EXAMPLE}.")
+    unknown = sorted(set(paths) - set(ROLES))
+    if unknown:
+        raise ValueError(f"paths: expected keys among {list(ROLES)}, got unknown {unknown}; rename them.")
+    required = [r for r in ("train", "test") if r not in paths]
+    if required:
+        raise ValueError(
+            f"paths: expected 'train' and 'test' files ('validation' is optional and carved from train when "
+            f"missing), got {sorted(paths)}; add {required}."
+        )
+    for role, value in paths.items():
+        if not isinstance(value, (str, os.PathLike)):
+            raise TypeError(f"paths[{role!r}]: expected a file path, got {type(value).__name__} {value!r}.")
+    return {role: Path(paths[role]).expanduser() for role in ROLES if role in paths}
+
+
+def _field_name(arg: str, value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise TypeError(f"{arg}: expected a field name (non-empty str), got {value!r}.")
+    return value
+
+
+def _text_fields(value: Any) -> tuple[str, ...]:
+    fields = [value] if isinstance(value, str) else value
+    if not isinstance(fields, Sequence) or not 1 <= len(fields) <= 2:
+        raise ValueError(f"text_fields: expected one or two field names (text[, text_pair]), got {value!r}.")
+    return tuple(_field_name("text_fields", f) for f in fields)
+
+
+def _label_names(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise TypeError(f"label_names: expected a list of class names, got {type(value).__name__} {value!r}.")
+    names = tuple(str(v) for v in value)
+    if len(names) < 2 or len(set(names)) != len(names):
+        raise ValueError(f"label_names: expected at least two distinct class names, got {list(value)}.")
+    return names
+
+
+def load_generic(task: str, kind: str, opts: GenericOptions) -> tuple[dict[str, datasets.Dataset], dict[str, str]]:
+    """Load the user's files; returns ``({role: Dataset}, {role: path})``."""
+    loaded = {role: load_file(path, task=task, split=role, kind=kind) for role, path in opts.paths.items()}
+    return loaded, {role: str(path.resolve()) for role, path in opts.paths.items()}
