@@ -1,0 +1,246 @@
+"""train_map: the one small training loop for MAP LoRA adapters (and ensemble members).
+
+Objective (per step, mean over the batch):
+
+    L(θ) = CE(f_θ(x), y) + λ / (2N) · ||θ||²,
+
+i.e. the negative log-posterior divided by N under the Gaussian prior N(0, λ⁻¹ I) over the
+selected adapter tensors θ. ``prior_precision`` λ is therefore the *one* number that is both the
+MAP weight decay (coupled L2, not AdamW's decoupled decay) and the prior precision of the
+posteriors built around the MAP.
+
+Features: AdamW, linear warm-up then linear decay, gradient accumulation, gradient clipping,
+bf16 autocast on CUDA (via the AdapterFn), max steps or epochs, seeded (dropout RNG and data
+order; the caller's global RNG is left untouched), a tqdm bar with the loss, periodic adapter
+checkpoints (for checkpoint ensembles), and a clear error on a non-finite loss. Under
+``torch.distributed`` (``torchrun``) the gradients and the loss of every optimizer step are averaged
+over the ranks, so a loader sharded with :func:`bayeslora.distributed.shard` trains like one process
+with a ``world_size``-times larger batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, RandomSampler
+from tqdm.auto import tqdm
+
+from . import distributed
+from .function import AdapterFn, model_mode
+from .io import load_torch, save_torch
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of :func:`train_map`.
+
+    Attributes:
+        lr: peak AdamW learning rate.
+        epochs: passes over the loader (may be fractional); ignored when ``max_steps`` is set.
+        max_steps: optimizer steps; overrides ``epochs``.
+        grad_accum: micro-batches per optimizer step.
+        warmup_ratio: fraction of the steps with linear warm-up (then linear decay to 0).
+        clip: max gradient norm (None: no clipping).
+        prior_precision: λ of the Gaussian prior; coupled L2 λ/(2N)·||θ||² in the loss.
+        seed: seeds dropout and the data order of a shuffling loader.
+        checkpoint_every: save the adapter every this many optimizer steps (None: never).
+        checkpoint_dir: where checkpoints go (required with checkpoint_every).
+        progress: show a tqdm progress bar.
+        betas, eps: AdamW.
+    """
+
+    lr: float = 5e-4
+    epochs: float = 1.0
+    max_steps: int | None = None
+    grad_accum: int = 1
+    warmup_ratio: float = 0.06
+    clip: float | None = 1.0
+    prior_precision: float = 0.0
+    seed: int = 0
+    checkpoint_every: int | None = None
+    checkpoint_dir: str | None = None
+    progress: bool = True
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+
+    def __post_init__(self):
+        _positive("lr", self.lr)
+        if self.max_steps is None:
+            _positive("epochs", self.epochs)
+        else:
+            _positive("max_steps", self.max_steps)
+        _positive("grad_accum", self.grad_accum)
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio: expected a value in [0, 1), got {self.warmup_ratio!r}.")
+        if self.prior_precision < 0:
+            raise ValueError(f"prior_precision: expected >= 0, got {self.prior_precision!r}.")
+        if self.checkpoint_every is not None:
+            _positive("checkpoint_every", self.checkpoint_every)
+            if not self.checkpoint_dir:
+                raise ValueError("checkpoint_dir: required when checkpoint_every is set; pass a directory path.")
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train_map` did.
+
+    Attributes:
+        steps: optimizer steps taken.
+        losses: training loss (data term) per optimizer step.
+        checkpoints: paths of the saved adapter checkpoints, oldest first.
+        seconds: wall time.
+        num_train: N used in the prior term.
+    """
+
+    steps: int
+    losses: list[float]
+    checkpoints: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    num_train: int = 0
+    config: dict = field(default_factory=dict)
+
+
+def _positive(name: str, value) -> None:
+    if value is None or not value > 0:
+        raise ValueError(f"{name}: expected a positive number, got {value!r}.")
+
+
+def dataset_size(loader: DataLoader) -> int:
+    """N, the number of training examples behind a loader."""
+    try:
+        n = len(loader.dataset)
+    except (AttributeError, TypeError) as err:
+        raise TypeError(
+            "loader: expected a torch DataLoader over a sized dataset (N is needed for the prior term); "
+            f"got {type(loader).__name__}."
+        ) from err
+    if n == 0:
+        raise ValueError("loader: the training dataset is empty; check the task split or max_train.")
+    return n
+
+
+@contextlib.contextmanager
+def seeded(loader: DataLoader, seed: int, device: torch.device) -> Iterator[None]:
+    """Seed dropout (a forked RNG) and the loader's shuffling for the duration; restore afterwards."""
+    devices = [device.index or 0] if device.type == "cuda" else []
+    sampler = getattr(loader, "sampler", None)
+    sampler = getattr(sampler, "base", sampler)  # distributed.shard(): the global sampler behind the rank's share
+    old = sampler.generator if isinstance(sampler, RandomSampler) else None
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        if isinstance(sampler, RandomSampler):
+            sampler.generator = torch.Generator().manual_seed(seed)
+        try:
+            yield
+        finally:
+            if isinstance(sampler, RandomSampler):
+                sampler.generator = old
+
+
+def trainable_parameters(fn: AdapterFn) -> dict[str, torch.nn.Parameter]:
+    """The selected adapter tensors plus any other parameter peft marked trainable."""
+    params = dict(fn.params.tensors())
+    for name, p in fn.model.named_parameters():
+        if p.requires_grad and name not in params:
+            params[name] = p
+    return params
+
+
+def total_steps(config: TrainConfig, loader: DataLoader) -> int:
+    if config.max_steps is not None:
+        return int(config.max_steps)
+    per_epoch = math.ceil(len(loader) / config.grad_accum)
+    return max(1, math.ceil(config.epochs * per_epoch))
+
+
+def train_map(fn: AdapterFn, loader: DataLoader, config: TrainConfig | None = None) -> TrainResult:
+    """Train the adapter in place to the MAP of CE + Gaussian prior.
+
+    Args:
+        fn: the AdapterFn of the peft model (its live adapter tensors are trained).
+        loader: training batches with ``labels``.
+        config: hyper-parameters (defaults: :class:`TrainConfig`).
+
+    Returns:
+        A :class:`TrainResult`. The model's adapter now holds the trained values.
+
+    Raises:
+        ValueError: on a non-finite loss (naming the step), an empty dataset or bad settings.
+    """
+    config = config or TrainConfig()
+    n = dataset_size(loader)
+    params = trainable_parameters(fn)
+    for p in params.values():
+        p.requires_grad_(True)
+    prior_names = set(fn.params.names)
+    opt = torch.optim.AdamW(list(params.values()), lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=0.0)
+    steps = total_steps(config, loader)
+    warm = int(config.warmup_ratio * steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / max(warm, 1), max(0.0, (steps - s) / max(steps - warm, 1)))
+    )
+    result = TrainResult(steps=0, losses=[], num_train=n, config=asdict(config))
+    start = time.perf_counter()
+    bar = tqdm(total=steps, desc="train_map", disable=not config.progress, leave=False, dynamic_ncols=True)
+    with seeded(loader, config.seed, fn.device), model_mode(fn.model, True):
+        micro, running = 0, 0.0
+        while result.steps < steps:
+            for batch in loader:
+                logits = fn(None, batch)
+                data_loss = torch.nn.functional.cross_entropy(logits, fn.labels(batch))
+                if not torch.isfinite(data_loss):
+                    raise ValueError(
+                        f"loss: non-finite training loss {data_loss.item()} at optimizer step {result.steps} "
+                        f"(micro-batch {micro}); lower lr (now {config.lr}), enable clip, or check the data/labels."
+                    )
+                loss = data_loss
+                if config.prior_precision > 0:
+                    sq = sum((p.float() ** 2).sum() for name, p in params.items() if name in prior_names)
+                    loss = loss + config.prior_precision / (2 * n) * sq
+                (loss / config.grad_accum).backward()
+                running += data_loss.item() / config.grad_accum
+                micro += 1
+                if micro % config.grad_accum:
+                    continue
+                running = distributed.sync_step_(list(params.values()), running)  # no-op on one process
+                if config.clip is not None:
+                    torch.nn.utils.clip_grad_norm_(list(params.values()), config.clip)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                result.steps += 1
+                result.losses.append(running)
+                bar.update(1)
+                bar.set_postfix(loss=f"{running:.4f}")
+                running = 0.0
+                if config.checkpoint_every and result.steps % config.checkpoint_every == 0:
+                    result.checkpoints.append(str(save_checkpoint(fn, config.checkpoint_dir, result.steps)))
+                if result.steps >= steps:
+                    break
+    bar.close()
+    opt.zero_grad(set_to_none=True)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def save_checkpoint(fn: AdapterFn, directory: str | os.PathLike, step: int) -> Path:
+    """Save the selected adapter values (CPU) to ``directory/step_XXXXXXX.pt`` atomically."""
+    values = {k: v.cpu() for k, v in fn.params.values().items()}
+    return save_torch({"step": step, "values": values}, Path(directory) / f"step_{step:07d}.pt")
+
+
+def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
+    """Checkpoint files written by :func:`train_map`, oldest step first."""
+    return sorted(Path(directory).glob("step_*.pt"))
+
+
+def load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """The adapter values stored in a checkpoint."""
+    return load_torch(path)["values"]
