@@ -1,0 +1,117 @@
+"""Posteriors over the LoRA adapter tensors: one Protocol, one registry.
+
+Every method is configured without a model (so Hydra can instantiate it from a config) and bound
+to an :class:`~bayeslora.function.AdapterFn` at :meth:`Posterior.fit`. Prediction returns a
+:class:`~bayeslora.predictive.Predictive` of logit samples ``[S, B, C]``.
+
+``METHODS`` maps a method name to ``"module:attribute"`` of its factory; modules are imported
+lazily so that e.g. Pyro is only imported when a VI method is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Mapping
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from ..function import AdapterFn
+from ..predictive import Predictive
+
+
+@runtime_checkable
+class Posterior(Protocol):
+    """An approximate posterior over the selected adapter tensors.
+
+    Attributes:
+        name: the registry name of the method.
+    """
+
+    name: str
+
+    def fit(self, fn: AdapterFn, loader, *, val_loader=None) -> Posterior:
+        """Fit around the adapter currently in ``fn.model`` (or train it, for ensembles)."""
+        ...
+
+    def predict(
+        self, fn: AdapterFn, batch: Mapping[str, torch.Tensor], *, n_samples: int | None = None, generator=None
+    ) -> Predictive:
+        """Predictive logit samples ``[S, B, C]`` for one batch; changes no state of the model."""
+        ...
+
+    def config(self) -> dict[str, Any]:
+        """Constructor keyword arguments (JSON-able), so ``METHODS[name](**config())`` rebuilds it."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
+
+
+METHODS: dict[str, str | tuple[str, dict[str, Any]]] = {
+    "map": "bayeslora.posteriors.map:MAP",
+    "kfac_laplace": ("bayeslora.posteriors.laplace:Laplace", {"structure": "kron"}),
+    "diag_laplace": ("bayeslora.posteriors.laplace:Laplace", {"structure": "diag"}),
+    "last_layer_laplace": ("bayeslora.posteriors.laplace:Laplace", {"structure": "last_layer"}),
+    "vi_meanfield": ("bayeslora.posteriors.vi:Variational", {"guide": "meanfield"}),
+    "vi_lowrank": ("bayeslora.posteriors.vi:Variational", {"guide": "lowrank"}),
+    "vi_blob": ("bayeslora.posteriors.vi:Variational", {"guide": "blob"}),
+    "ensemble": "bayeslora.posteriors.ensemble:Ensemble",
+    "mc_dropout": "bayeslora.posteriors.baselines:MCDropout",
+    "temperature": "bayeslora.posteriors.baselines:TemperatureScaling",
+    "checkpoint_ensemble": "bayeslora.posteriors.baselines:CheckpointEnsemble",
+}
+
+
+def _entry(method: str) -> tuple[str, dict[str, Any]]:
+    if method not in METHODS:
+        raise ValueError(f"method: unknown method {method!r}; expected one of {sorted(METHODS)}.")
+    entry = METHODS[method]
+    target, fixed = (entry, {}) if isinstance(entry, str) else entry
+    return target, dict(fixed)
+
+
+def _load(target: str) -> Any:
+    module_name, attr = target.split(":")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def make_posterior(method: str, **kwargs: Any) -> Posterior:
+    """Instantiate a registered method by name with its keyword options.
+
+    A registry entry may fix some options (e.g. ``diag_laplace`` is ``Laplace(structure="diag")``);
+    passing a different value for a fixed option is an error.
+    """
+    target, fixed = _entry(method)
+    for k, v in fixed.items():
+        if k in kwargs and kwargs[k] != v:
+            raise ValueError(f"method {method!r}: option {k}={kwargs[k]!r} conflicts with the method ({k}={v!r}).")
+    factory = _load(target)
+    kwargs = {**kwargs, **fixed}
+    sig = inspect.signature(factory)
+    unknown = [k for k in kwargs if k not in sig.parameters]
+    if unknown and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values()):
+        valid = [k for k in sig.parameters if k != "self" and k not in fixed]
+        raise TypeError(f"method {method!r}: unexpected option(s) {unknown}; valid options are {valid}.")
+    return factory(**kwargs)
+
+
+def accepts(method: str, option: str) -> bool:
+    """Whether a registered method takes the keyword ``option`` (e.g. ``prior_precision``)."""
+    target, fixed = _entry(method)
+    return option in inspect.signature(_load(target)).parameters and option not in fixed
+
+
+def require_fitted(posterior: Any, attribute: str) -> Any:
+    """Return ``posterior.<attribute>`` or raise a clear error if ``fit`` has not been called."""
+    value = getattr(posterior, attribute, None)
+    if value is None:
+        raise RuntimeError(
+            f"{type(posterior).__name__}: not fitted; call fit(fn, loader) (or load_state_dict) before predict."
+        )
+    return value
+
+
+__all__ = ["METHODS", "Posterior", "accepts", "make_posterior", "require_fitted"]

@@ -1,0 +1,41 @@
+"""MAP: the point estimate as a (degenerate) posterior, S = 1."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ..function import AdapterFn, model_mode
+from ..predictive import Predictive
+from . import require_fitted
+
+
+class MAP:
+    """The fine-tuned adapter itself; ``predict`` returns its logits as one sample ``[1, B, C]``."""
+
+    name = "map"
+
+    def __init__(self):
+        self.values: dict[str, torch.Tensor] | None = None
+
+    def fit(self, fn: AdapterFn, loader=None, *, val_loader=None) -> MAP:
+        """Snapshot the adapter currently in the model (no data needed)."""
+        self.values = fn.params.values()
+        return self
+
+    @torch.no_grad()
+    def predict(self, fn: AdapterFn, batch, *, n_samples: int | None = None, generator=None) -> Predictive:
+        values = require_fitted(self, "values")
+        with model_mode(fn.model, False):
+            return Predictive.point(fn(values, batch))
+
+    def config(self) -> dict[str, Any]:
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"values": {k: v.cpu() for k, v in require_fitted(self, "values").items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.values = dict(state["values"])

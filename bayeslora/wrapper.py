@@ -1,0 +1,203 @@
+"""BayesianLoRA: the research-code façade.
+
+It composes a peft model, an :class:`~bayeslora.params.AdapterParams` selection, a
+:class:`~bayeslora.readout.Readout` and a :class:`~bayeslora.posteriors.Posterior`; it does not
+subclass ``PeftModel`` and owns no optimizer or logger::
+
+    bl = BayesianLoRA(peft_model, readout=AnswerTokenLogits.from_tokenizer(tok, ["A", "B", "C", "D"]),
+                      method="kfac_laplace")
+    bl.fit_map(train_loader)           # optional: bring your own trained adapter instead
+    bl.fit(train_loader)               # fits the posterior around the adapter
+    pred = bl.predict(batch)           # Predictive [S, B, C]
+    bl.evaluate(test_loader)           # {"acc", "ece", "nll", "brier", "aurc"}
+    bl.save(path); BayesianLoRA.load(path, base_model)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .function import AdapterFn
+from .io import load_torch
+from .metrics import Predictions, predict_loader
+from .params import AdapterParams
+from .posteriors import Posterior, accepts, make_posterior
+from .predictive import Predictive
+from .readout import Readout, readout_from_config
+from .train import TrainConfig, TrainResult, train_map
+
+_META = "bayeslora.json"
+_STATE = "posterior.pt"
+_ADAPTER = "adapter"
+
+
+class BayesianLoRA:
+    """A LoRA model with a posterior over its adapter.
+
+    Args:
+        model: a peft model with LoRA layers.
+        readout: maps model outputs to class logits ``[B, C]``.
+        method: a registered method name (see ``bayeslora.posteriors.METHODS``) or a Posterior instance.
+        params: the adapter selection: an :class:`AdapterParams`, or a dict of its keyword arguments
+            (``adapter_name``, ``include``, ``exclude``, ``include_head``).
+        prior_precision: λ of the Gaussian prior; used as the MAP L2 in :meth:`fit_map` and passed to
+            methods that take a prior precision. None: keep each side's own default.
+        autocast_dtype: ``"auto"`` (bf16 autocast on CUDA), None, or a dtype.
+        **method_kwargs: options of the method.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        readout: Readout,
+        method: str | Posterior = "map",
+        *,
+        params: AdapterParams | Mapping[str, Any] | None = None,
+        prior_precision: float | None = None,
+        autocast_dtype: str | torch.dtype | None = "auto",
+        **method_kwargs: Any,
+    ):
+        if not isinstance(readout, Readout):
+            raise TypeError(
+                f"readout: expected a Readout (SequenceClassificationLogits or AnswerTokenLogits), got "
+                f"{type(readout).__name__}."
+            )
+        if not isinstance(params, AdapterParams):
+            params = AdapterParams(model, **dict(params or {}))
+        if autocast_dtype == "auto":
+            autocast_dtype = torch.bfloat16
+        self.fn = AdapterFn(model, params, readout, autocast_dtype=autocast_dtype)
+        self.prior_precision = prior_precision
+        if isinstance(method, str):
+            if prior_precision is not None and accepts(method, "prior_precision"):
+                method_kwargs.setdefault("prior_precision", prior_precision)
+            self.posterior: Posterior = make_posterior(method, **method_kwargs)
+        elif isinstance(method, Posterior):
+            if method_kwargs:
+                raise TypeError(
+                    f"method_kwargs: {sorted(method_kwargs)} given with a Posterior instance; configure it."
+                )
+            self.posterior = method
+        else:
+            raise TypeError(f"method: expected a method name or a Posterior, got {type(method).__name__}.")
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def model(self) -> nn.Module:
+        return self.fn.model
+
+    @property
+    def params(self) -> AdapterParams:
+        return self.fn.params
+
+    @property
+    def method(self) -> str:
+        return self.posterior.name
+
+    # ------------------------------------------------------------------ fitting
+    def fit_map(self, loader, config: TrainConfig | Mapping[str, Any] | None = None) -> TrainResult:
+        """Train the adapter to its MAP with :func:`~bayeslora.train.train_map`."""
+        if config is None or isinstance(config, Mapping):
+            config = TrainConfig(**dict(config or {}))
+        if self.prior_precision is not None:
+            config = dataclasses.replace(config, prior_precision=self.prior_precision)
+        return train_map(self.fn, loader, config)
+
+    def fit(self, loader, val_loader=None) -> BayesianLoRA:
+        """Fit the posterior around the current adapter (``val_loader`` for methods that tune on it)."""
+        self.posterior.fit(self.fn, loader, val_loader=val_loader)
+        return self
+
+    # ------------------------------------------------------------------ prediction
+    def predict(self, batch: Mapping[str, torch.Tensor], n_samples: int | None = None, generator=None) -> Predictive:
+        """Predictive logit samples ``[S, B, C]`` for one batch."""
+        return self.posterior.predict(self.fn, batch, n_samples=n_samples, generator=generator)
+
+    def predictions(self, loader, n_samples: int | None = None, seed: int = 0) -> Predictions:
+        """Per-example predictions over a loader."""
+        return predict_loader(self.posterior, self.fn, loader, n_samples=n_samples, seed=seed)
+
+    def evaluate(self, loader, n_samples: int | None = None, seed: int = 0) -> dict[str, float]:
+        """acc, ece, nll, brier, aurc over a whole loader."""
+        return self.predictions(loader, n_samples=n_samples, seed=seed).metrics()
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path: str | os.PathLike) -> Path:
+        """Save the adapter (peft format), the posterior state and the metadata into directory ``path``.
+
+        The directory is written next to ``path`` first and renamed into place, so an interrupted save
+        never leaves a half-written result.
+        """
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+        try:
+            self.model.save_pretrained(tmp / _ADAPTER, selected_adapters=[self.params.adapter_name])
+            torch.save(self.posterior.state_dict(), tmp / _STATE)
+            meta = {
+                "method": self.posterior.name,
+                "config": self.posterior.config(),
+                "readout": self.fn.readout.config(),
+                "params": {
+                    "adapter_name": self.params.adapter_name,
+                    "include": self.params.include,
+                    "exclude": self.params.exclude,
+                    "include_head": self.params.include_head,
+                },
+                "prior_precision": self.prior_precision,
+            }
+            (tmp / _META).write_text(json.dumps(meta, indent=2) + "\n")
+            _replace_dir(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, base_model: nn.Module, *, autocast_dtype="auto") -> BayesianLoRA:
+        """Load a saved BayesianLoRA onto a fresh base model (the same architecture and weights)."""
+        from peft import PeftModel
+
+        path = Path(path)
+        if not (path / _META).is_file():
+            raise ValueError(
+                f"path: {str(path)!r} is not a saved BayesianLoRA (no {_META}); pass the directory save() wrote."
+            )
+        meta = json.loads((path / _META).read_text())
+        adapter_dir = path / _ADAPTER
+        adapter_name = meta["params"]["adapter_name"]
+        sub = adapter_dir / adapter_name if (adapter_dir / adapter_name).is_dir() else adapter_dir
+        model = PeftModel.from_pretrained(base_model, sub, adapter_name=adapter_name)
+        model.eval()
+        posterior = make_posterior(meta["method"], **meta["config"])
+        posterior.load_state_dict(load_torch(path / _STATE))
+        return cls(
+            model,
+            readout_from_config(meta["readout"]),
+            posterior,
+            params=meta["params"],
+            prior_precision=meta["prior_precision"],
+            autocast_dtype=autocast_dtype,
+        )
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Move directory ``src`` onto ``dst`` (replacing an existing one with minimal exposure)."""
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(dst, old)
+        os.replace(src, dst)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(src, dst)
