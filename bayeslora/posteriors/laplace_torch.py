@@ -1,0 +1,181 @@
+"""laplace-torch as a second Laplace backend and the test oracle (public API only).
+
+laplace-torch (Daxberger et al., "Laplace Redux", NeurIPS 2021) chooses its parameters by
+``requires_grad`` and calls the model on whole batches; a small module wraps the
+:class:`~bayeslora.function.AdapterFn` (batch dict → class logits ``[B, C]``) and the selected
+tensors are made the only trainable ones while laplace-torch runs (flags restored afterwards).
+Batches are dicts, read with ``dict_key_x="input_ids"`` / ``dict_key_y="labels"`` (laplace-torch
+>= 0.2). K-FAC uses curvlinops; ``kfac_approx`` is passed through (its default is ``"expand"``).
+
+Differences from the own engine, by construction of laplace-torch: a Linear bias is its own block
+(not folded into ``[W | b]``), per-layer priors are per tensor, marglik is optimised with Adam on
+``log λ`` (100 steps), and the GLM Jacobians are ``torch.func.jacrev`` over the whole batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from ..function import AdapterFn, model_mode
+from ..predictive import Predictive
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .laplace import Laplace
+
+
+class _Logits(nn.Module):
+    """``batch dict -> [B, C]`` logits through the live adapter (laplace-torch's model)."""
+
+    def __init__(self, fn: AdapterFn):
+        super().__init__()
+        self.net = fn.model
+        object.__setattr__(self, "fn", fn)  # not a submodule
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self.fn(None, batch)
+
+
+@contextlib.contextmanager
+def only_trainable(model: nn.Module, names: Sequence[str]) -> Iterator[None]:
+    """Temporarily make exactly the parameters ``names`` require grad (laplace-torch's selection)."""
+    keep = set(names)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    try:
+        for n, p in model.named_parameters():
+            p.requires_grad_(n in keep)
+        yield
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(flags[n])
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    # laplace-torch warns on every prior tuning call that the probit link is its default.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="By default `link_approx` is `probit`")
+        yield
+
+
+class LaplaceTorch:
+    """laplace-torch posterior behind :class:`Laplace` when ``backend="laplace-torch"``.
+
+    Built at :meth:`fit` (or lazily at the first prediction after :meth:`load_state_dict`).
+    """
+
+    def __init__(self, cfg: Laplace):
+        self.cfg = cfg
+        self.fn: AdapterFn | None = None
+        self.la = None
+        self.names: list[str] = []
+        self.values: dict[str, torch.Tensor] = {}
+        self._state: Mapping[str, Any] | None = None
+
+    def _build(self, fn: AdapterFn) -> None:
+        from laplace import Laplace as make_laplace
+        from laplace.curvature import CurvlinopsEF, CurvlinopsGGN
+
+        cfg = self.cfg
+        if cfg.structure == "diag" and cfg.fisher == "empirical":
+            raise ValueError("fisher: laplace-torch has no diagonal empirical Fisher for dict inputs; use 'ggn'.")
+        names = [n for g in cfg.select(fn) for n in g.names]
+        if self._state is not None and names != list(self._state["names"]):
+            raise ValueError(
+                "fn: the model's adapter tensors do not match the fitted posterior; load it into the same model, "
+                "adapter name and params include/exclude."
+            )
+        self.fn, self.names = fn, names
+        kwargs: dict[str, Any] = {
+            "backend": CurvlinopsEF if cfg.fisher == "empirical" else CurvlinopsGGN,
+            "backend_kwargs": {"stochastic": True} if cfg.fisher == "mc" else None,
+        }
+        if cfg.structure != "diag":
+            kron: dict[str, Any] = {"kfac_approx": cfg.kfac_approx}
+            if cfg.fisher == "mc":
+                kron["mc_samples"] = cfg.mc_samples
+            kwargs["asdl_fisher_kwargs"] = kron
+        with self._trainable():
+            self.la = make_laplace(
+                _Logits(fn), "classification", subset_of_weights="all",
+                hessian_structure="diag" if cfg.structure == "diag" else "kron",
+                prior_precision=cfg.prior_precision, dict_key_x="input_ids", dict_key_y="labels", **kwargs,
+            )  # fmt: skip
+            if self._state is not None:
+                self.la.load_state_dict(self._state["la"])
+                self.values = dict(self._state["values"])
+
+    def _trainable(self):
+        return only_trainable(self.fn.model, self.names)
+
+    def _ready(self, fn: AdapterFn) -> None:
+        if self.la is None or self.fn is not fn:
+            self._build(fn)
+        live = fn.params.values()
+        if any(not torch.equal(live[n], v.to(live[n].device)) for n, v in self.values.items()):
+            raise ValueError(
+                "fn: the model's live adapter differs from the MAP the laplace-torch posterior was fit at; load "
+                "the saved adapter (backend='laplace-torch' predicts with the live parameters)."
+            )
+
+    @property
+    def _link(self) -> str:
+        return "mc" if self.cfg.predictive == "glm_mc" else "probit"
+
+    def fit(self, fn: AdapterFn, loader, val_loader=None) -> None:
+        cfg = self.cfg
+        self._state = None
+        self._build(fn)
+        with self._trainable(), model_mode(fn.model, False):
+            self.la.fit(loader)
+            structure = "layerwise" if cfg.prior_per_layer else "scalar"
+            with _quiet():
+                if cfg.prior_fit == "marglik":
+                    self.la.optimize_prior_precision(
+                        pred_type="glm", method="marglik", prior_structure=structure,
+                        init_prior_prec=cfg.prior_precision,
+                    )  # fmt: skip
+                elif cfg.prior_fit == "val_nll":
+                    low, high, points = cfg.prior_grid
+                    self.la.optimize_prior_precision(
+                        pred_type="glm", method="gridsearch", val_loader=val_loader, link_approx=self._link,
+                        log_prior_prec_min=math.log10(low), log_prior_prec_max=math.log10(high), grid_size=points,
+                        n_samples=cfg._samples(None) if self._link == "mc" else 100,
+                    )  # fmt: skip
+        self.values = {n: p.detach().clone() for n, p in fn.params.tensors().items()}
+
+    def glm_moments(self, fn: AdapterFn, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        self._ready(fn)
+        with self._trainable(), model_mode(fn.model, False):
+            js, f_mu = self.la.backend.jacobians(fn.to_device(batch))
+            return f_mu.detach().float(), self.la.functional_variance(js).detach().double()
+
+    def predict(self, fn: AdapterFn, batch, n_samples: int, generator) -> Predictive:
+        self._ready(fn)
+        batch = fn.to_device(batch)
+        with self._trainable(), model_mode(fn.model, False), torch.no_grad():
+            if self.cfg.predictive == "glm_probit":
+                probs = self.la(batch, pred_type="glm", link_approx="probit")
+                return Predictive.point(probs.double().clamp_min(1e-300).log().float())
+            pred_type = "glm" if self.cfg.predictive == "glm_mc" else "nn"
+            samples = self.la.functional_samples(batch, pred_type=pred_type, n_samples=n_samples, generator=generator)
+            return Predictive(samples.float())
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.la is None:
+            return dict(self._state)
+        return {"la": self.la.state_dict(), "names": self.names, "values": {k: v.cpu() for k, v in self.values.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self._state, self.la, self.fn = dict(state), None, None
+
+    def factor_bytes(self) -> int:
+        h = self.state_dict()["la"]["H"]
+        flat = [t for f in h for t in f] if isinstance(h, list) else [h]
+        return sum(t.numel() * t.element_size() for t in flat)
