@@ -1,0 +1,295 @@
+"""Baselines every calibration table needs.
+
+* Temperature scaling (Guo et al., 2017): one scalar T > 0 fit by validation NLL (LBFGS on log T),
+  applied to the mean logits of a base method (MAP by default). Accuracy is unchanged.
+* MC dropout (Gal & Ghahramani, 2016): the LoRA dropout kept active at test time, S samples.
+* Checkpoint ensemble: the last M adapter checkpoints of one MAP training run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ..function import AdapterFn, lora_dropout_only, model_mode
+from ..predictive import Predictive
+from ..train import list_checkpoints, load_checkpoint
+from . import accepts, make_posterior, require_fitted
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 200) -> float:
+    """The temperature T minimising the NLL of ``softmax(logits / T)`` (LBFGS on log T, float64).
+
+    Args:
+        logits: validation logits ``[N, C]``.
+        labels: ``[N]``.
+    """
+    if logits.ndim != 2 or logits.shape[0] == 0:
+        raise ValueError(f"logits: expected a non-empty [N, C] tensor of validation logits, got {tuple(logits.shape)}.")
+    if labels.reshape(-1).shape[0] != logits.shape[0]:
+        raise ValueError(f"labels: expected {logits.shape[0]} labels, got {labels.numel()}.")
+    x = logits.detach().double().cpu()
+    y = labels.reshape(-1).long().cpu()
+    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(x / log_t.exp(), y)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    t = float(log_t.detach().exp())
+    if not (t > 0 and t < float("inf")):
+        raise ValueError(f"temperature: the fit diverged (T={t}); check the validation logits for NaN/inf.")
+    return t
+
+
+class TemperatureScaling:
+    """Temperature scaling (Guo et al., ICML 2017) on top of a base method's mean logits.
+
+    ``fit`` fits the base method, predicts the validation split with it and fits one scalar T by NLL
+    (:func:`fit_temperature`); ``predict`` returns ``Predictive.point(mean_logits / T)`` ``[1, B, C]``.
+    Accuracy is unchanged (T > 0 keeps the argmax of the mean logits).
+
+    Args:
+        base: the registered method whose mean logits are scaled (default ``"map"``; any method but
+            ``"temperature"``, e.g. ``"ensemble"`` or ``"kfac_laplace"``).
+        base_options: keyword options of the base method.
+        n_samples: samples the base method draws when fitting T and predicting (None: its default).
+        prior_precision: λ, passed on to the base method when it takes one and ``base_options`` does not set it.
+    """
+
+    name = "temperature"
+
+    def __init__(
+        self,
+        base: str = "map",
+        base_options: Mapping[str, Any] | None = None,
+        n_samples: int | None = None,
+        prior_precision: float | None = None,
+    ):
+        if base == self.name:
+            raise ValueError("base: temperature scaling cannot scale itself; pass another method, e.g. base='map'.")
+        self.base_name = base
+        self.base_options = dict(base_options or {})
+        self.prior_precision = prior_precision
+        options = dict(self.base_options)
+        if prior_precision is not None and accepts(base, "prior_precision"):
+            options.setdefault("prior_precision", prior_precision)
+        self.base = make_posterior(base, **options)
+        self.n_samples = n_samples
+        self.temperature: float | None = None
+
+    @property
+    def trains_adapter(self) -> bool:
+        """Whether the base method trains its own adapters (then the runner skips MAP training)."""
+        return bool(getattr(self.base, "trains_adapter", False))
+
+    @property
+    def checkpoint_dir(self) -> str | None:
+        """The base method's checkpoint directory; absent (``hasattr`` is False) when the base reads none."""
+        if not hasattr(self.base, "checkpoint_dir"):
+            raise AttributeError(f"checkpoint_dir: the base method {self.base_name!r} reads no checkpoints.")
+        return self.base.checkpoint_dir
+
+    @checkpoint_dir.setter
+    def checkpoint_dir(self, value: str | None) -> None:
+        self.base.checkpoint_dir = value
+
+    def fit(self, fn: AdapterFn, loader, *, val_loader=None) -> TemperatureScaling:
+        if val_loader is None:
+            raise ValueError(
+                "val_loader: temperature scaling needs a validation split to fit T; pass val_loader= "
+                "(the task builders carve one from train: data.val_size)."
+            )
+        self.base.fit(fn, loader, val_loader=val_loader)
+        generator = torch.Generator(device=fn.device).manual_seed(0)
+        logits, labels = [], []
+        for batch in val_loader:
+            pred = self.base.predict(fn, batch, n_samples=self.n_samples, generator=generator)
+            logits.append(pred.mean_logits.detach().cpu())
+            labels.append(batch["labels"].cpu())
+        if not logits:
+            raise ValueError("val_loader: the validation split is empty; temperature scaling needs examples to fit T.")
+        self.temperature = fit_temperature(torch.cat(logits), torch.cat(labels))
+        return self
+
+    def predict(self, fn: AdapterFn, batch, *, n_samples: int | None = None, generator=None) -> Predictive:
+        t = require_fitted(self, "temperature")
+        pred = self.base.predict(fn, batch, n_samples=n_samples or self.n_samples, generator=generator)
+        return Predictive.point(pred.mean_logits / t)
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "base": self.base_name,
+            "base_options": self.base_options,
+            "n_samples": self.n_samples,
+            "prior_precision": self.prior_precision,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"temperature": require_fitted(self, "temperature"), "base": self.base.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.temperature = float(state["temperature"])
+        self.base.load_state_dict(state["base"])
+
+
+def _seed_from(generator: torch.Generator | None) -> int:
+    """A seed drawn from ``generator`` (or a fixed one), so sampling is reproducible without the global RNG."""
+    if generator is None:
+        return 0
+    return int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
+
+
+class MCDropout:
+    """MC dropout (Gal & Ghahramani, ICML 2016) on the LoRA dropout of the fine-tuned adapter.
+
+    ``predict`` runs S forward passes with the LoRA dropout modules in train mode (the rest of the model
+    in eval mode, or all of it with ``include_model_dropout``) around the adapter values snapshotted at
+    ``fit`` and returns ``Predictive [S, B, C]``. Dropout masks come from a forked RNG seeded from
+    ``generator``: reproducible, and the global RNG is untouched. With ``p=0`` every sample is the MAP.
+
+    Args:
+        n_samples: S, stochastic forward passes per batch.
+        p: LoRA dropout probability at test time, set on the LoRA dropout modules for the duration of
+            ``predict`` (None: the LoRA dropout the model was trained with). The model's own dropout keeps its p.
+        include_model_dropout: also keep the base model's own dropout layers active.
+    """
+
+    name = "mc_dropout"
+
+    def __init__(self, n_samples: int = 16, p: float | None = None, include_model_dropout: bool = False):
+        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
+            raise ValueError(f"n_samples: expected an integer >= 1, got {n_samples!r}.")
+        if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0):
+            raise ValueError(f"p: expected a dropout probability in [0, 1) or None, got {p!r}.")
+        self.n_samples = n_samples
+        self.p = p
+        self.include_model_dropout = bool(include_model_dropout)
+        self.values: dict[str, torch.Tensor] | None = None
+
+    def fit(self, fn: AdapterFn, loader=None, *, val_loader=None) -> MCDropout:
+        dropouts = _lora_dropouts(fn.model)
+        if not dropouts and not self.include_model_dropout:
+            raise ValueError(
+                "model: the LoRA layers have no dropout (peft uses Identity when lora dropout is 0); add LoRA with "
+                "dropout > 0 (LoraSpec(dropout=0.1), lora.dropout=0.1) or set include_model_dropout=True."
+            )
+        if not dropouts and self.p is not None:
+            raise ValueError(
+                f"p: p={self.p} needs LoRA dropout modules to set, but the model's LoRA layers have none (lora dropout "
+                "0); add LoRA with dropout > 0 or leave p=None."
+            )
+        self.values = fn.params.values()
+        return self
+
+    @torch.no_grad()
+    def predict(self, fn: AdapterFn, batch, *, n_samples: int | None = None, generator=None) -> Predictive:
+        values = require_fitted(self, "values")
+        s = n_samples or self.n_samples
+        devices = [fn.device.index or 0] if fn.device.type == "cuda" else []
+        mode = model_mode(fn.model, True) if self.include_model_dropout else lora_dropout_only(fn.model)
+        with torch.random.fork_rng(devices=devices), mode, _dropout_p(fn.model, self.p):
+            torch.manual_seed(_seed_from(generator))
+            return Predictive(torch.stack([fn(values, batch) for _ in range(s)]))
+
+    def config(self) -> dict[str, Any]:
+        return {"n_samples": self.n_samples, "p": self.p, "include_model_dropout": self.include_model_dropout}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"values": {k: v.cpu() for k, v in require_fitted(self, "values").items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.values = dict(state["values"])
+
+
+def _lora_dropouts(model: torch.nn.Module) -> list[torch.nn.Dropout]:
+    return [m for n, m in model.named_modules() if "lora_dropout" in n and isinstance(m, torch.nn.Dropout)]
+
+
+@contextlib.contextmanager
+def _dropout_p(model: torch.nn.Module, p: float | None):
+    """Temporarily set the p of every LoRA dropout module (None: leave them)."""
+    mods = _lora_dropouts(model) if p is not None else []
+    old = [m.p for m in mods]
+    for m in mods:
+        m.p = p
+    try:
+        yield
+    finally:
+        for m, q in zip(mods, old):
+            m.p = q
+
+
+class CheckpointEnsemble:
+    """Average the predictives of the last M adapter checkpoints of one MAP training run
+    (checkpoint / snapshot ensembles: Huang et al., ICLR 2017; Chen et al., 2017).
+
+    ``fit`` loads the last M checkpoints (by step) from ``checkpoint_dir``; ``predict`` evaluates each once
+    and returns ``Predictive [M, B, C]``. A checkpoint holds the selected adapter tensors; any other trainable
+    tensor (e.g. a head left out with ``include_head=False``) keeps its live (final MAP) value.
+
+    Args:
+        m: number of checkpoints (the last M saved by :func:`~bayeslora.train.train_map`).
+        checkpoint_dir: the directory ``train_map`` wrote (``TrainConfig(checkpoint_every=..., checkpoint_dir=...)``);
+            the runner fills in the MAP training's directory when None (it saves one checkpoint per epoch
+            unless ``train.checkpoint_every`` is set).
+    """
+
+    name = "checkpoint_ensemble"
+
+    def __init__(self, m: int = 3, checkpoint_dir: str | None = None):
+        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
+            raise ValueError(f"m: expected the number of checkpoints as an integer >= 1, got {m!r}.")
+        self.m = m
+        self.checkpoint_dir = checkpoint_dir
+        self.members: list[dict[str, torch.Tensor]] | None = None
+        self.steps: list[int] = []
+
+    def fit(self, fn: AdapterFn, loader=None, *, val_loader=None) -> CheckpointEnsemble:
+        if self.checkpoint_dir is None:
+            raise ValueError(
+                "checkpoint_dir: no checkpoint directory; train the MAP with TrainConfig(checkpoint_every=..., "
+                "checkpoint_dir=...) and pass that directory (bayeslora-run does this for you)."
+            )
+        files = list_checkpoints(self.checkpoint_dir)
+        if len(files) < self.m:
+            raise ValueError(
+                f"m: {self.m} checkpoints requested but {self.checkpoint_dir!r} holds {len(files)}; save more often "
+                "(TrainConfig.checkpoint_every; with bayeslora-run train.checkpoint_every=<steps> or more "
+                "train.epochs, one checkpoint per epoch by default) or lower m."
+            )
+        members = []
+        for path in files[-self.m :]:
+            values = load_checkpoint(path)
+            fn.params.check(values, argument=f"checkpoint {path.name}")
+            members.append(values)
+        self.members = members
+        self.steps = [int(p.stem.split("_")[-1]) for p in files[-self.m :]]
+        return self
+
+    @torch.no_grad()
+    def predict(self, fn: AdapterFn, batch, *, n_samples: int | None = None, generator=None) -> Predictive:
+        members = require_fitted(self, "members")
+        with model_mode(fn.model, False):
+            return Predictive(torch.stack([fn(values, batch) for values in members]))
+
+    def config(self) -> dict[str, Any]:
+        return {"m": self.m, "checkpoint_dir": self.checkpoint_dir}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "members": [{k: v.cpu() for k, v in m.items()} for m in require_fitted(self, "members")],
+            "steps": self.steps,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.members = [dict(m) for m in state["members"]]
+        self.steps = list(state.get("steps", []))
