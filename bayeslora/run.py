@@ -1,0 +1,320 @@
+"""One experiment run: data -> LoRA model -> MAP -> posterior -> metrics, driven by a Hydra config.
+
+``run(cfg)`` is a plain function (tests and scripts call it with a composed config);
+``main()`` is the thin ``@hydra.main`` entry point behind the ``bayeslora-run`` console script.
+
+Each run writes into its run directory (``results_dir/<data>/<model>/<method>/seed_<seed>``):
+
+* ``metrics.json`` – task, model, method, seed, acc/ece/nll/brier/aurc on the test split (and on
+  every evaluated split), the temperature-scaled row, timings and the resolved config. It is
+  written last and atomically: a run whose ``metrics.json`` exists is complete and is skipped.
+* ``predictions.pt`` – per-example predictions of every split (tables can be recomputed).
+* ``reliability.png`` – the reliability diagram of the method (and its temperature-scaled row).
+
+With ``eval.ood`` (name -> options, see :mod:`bayeslora.ood`) the fitted posterior is also evaluated on
+shifted test sets: ``metrics.json`` ``"ood"`` holds their metrics and OOD-detection AUROCs (entropy, MI),
+``predictions.pt`` their predictions under ``"ood/<name>"``.
+
+Parallel sweeps (joblib launcher): with ``device=auto`` and several GPUs each run leases a free GPU
+(``gpu_slots`` runs per GPU), and the MAP cache is filled under a lock (see :mod:`bayeslora.sweep`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from .data import build_task, make_loader
+from .io import load_torch, save_json, save_torch
+from .metrics import Predictions
+from .models import LoraSpec, add_lora, load_model, load_tokenizer, locate
+from .ood import ood_report, predict_ood, temperature_scaled
+from .posteriors import accepts
+from .posteriors.baselines import fit_temperature
+from .sweep import file_lock, remove_stale_temporaries, run_device
+from .train import TrainConfig, TrainResult
+from .wrapper import BayesianLoRA
+
+METRIC_KEYS = ("acc", "ece", "nll", "brier")
+
+
+def config_dir() -> Path:
+    """The Hydra config directory: the repository's ``configs/`` or the copy installed with the package."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "configs", here / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    raise FileNotFoundError(f"config.yaml not found next to {here}; reinstall bayeslora (its configs/ are missing).")
+
+
+def compose(overrides: list[str] | None = None) -> DictConfig:
+    """Compose the run config without starting a Hydra app (for scripts and tests)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides or []), return_hydra_config=False)
+
+
+def _plain(cfg: Any) -> Any:
+    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+
+
+def _map_key(cfg: Mapping[str, Any]) -> str:
+    parts = {k: cfg[k] for k in ("model", "lora", "data", "train", "seed", "prior_precision", "params", "dtype")}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _train_config(cfg: Mapping[str, Any], checkpoint_dir: Path, steps_per_epoch: int) -> TrainConfig:
+    """The MAP TrainConfig; checkpoints are saved once per epoch unless ``train.checkpoint_every`` says otherwise
+    (they feed the checkpoint ensemble and cost one adapter-sized file each)."""
+    t = dict(cfg["train"])
+    t.pop("batch_size")
+    t["checkpoint_every"] = t.get("checkpoint_every") or max(1, steps_per_epoch // int(t.get("grad_accum", 1)))
+    t["checkpoint_dir"] = str(checkpoint_dir)
+    return TrainConfig(**t, seed=int(cfg["seed"]), prior_precision=float(cfg["prior_precision"]))
+
+
+def _fit_or_load_map(bl: BayesianLoRA, cfg: Mapping[str, Any], loader, run_dir: Path) -> tuple[dict, Path]:
+    """Train the MAP adapter, or load it from the cache shared by the runs of a sweep.
+
+    Returns the training summary and the directory of the MAP training checkpoints. The cache entry is
+    filled under a file lock: parallel runs needing the same MAP adapter train it once.
+    """
+    if not cfg.get("map_cache"):
+        return _fit_map(bl, cfg, loader, run_dir / "checkpoints", None)
+    cache = Path(cfg["map_cache"]) / _map_key(cfg)
+    with file_lock(cache / ".lock"):  # only the lock holder writes here: temporaries found now are stale
+        remove_stale_temporaries(cache, cache / "checkpoints")
+        return _fit_map(bl, cfg, loader, cache / "checkpoints", cache)
+
+
+def _fit_map(bl: BayesianLoRA, cfg: Mapping[str, Any], loader, ckpt_dir: Path, cache: Path | None):
+    if cache is not None and (cache / "map.pt").is_file():
+        state = load_torch(cache / "map.pt")
+        bl.params.load(state["values"])
+        return {**state["train"], "cached": True}, ckpt_dir
+    result: TrainResult = bl.fit_map(loader, _train_config(cfg, ckpt_dir, len(loader)))
+    info = {
+        "steps": result.steps,
+        "seconds": result.seconds,
+        "final_loss": result.losses[-1] if result.losses else None,
+        "num_train": result.num_train,
+        "checkpoints": result.checkpoints,
+    }
+    if cache is not None:
+        save_torch({"values": {k: v.cpu() for k, v in bl.params.values().items()}, "train": info}, cache / "map.pt")
+    return {**info, "cached": False}, ckpt_dir
+
+
+def _method_options(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    options = {k: v for k, v in dict(cfg["method"]).items() if k != "name"}
+    if accepts(cfg["method"]["name"], "prior_precision"):
+        options.setdefault("prior_precision", float(cfg["prior_precision"]))
+    return options
+
+
+def run(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
+    """Run one experiment; returns the metrics dict written to ``metrics.json``.
+
+    Skips (and returns the stored metrics) when the run directory already holds ``metrics.json``
+    unless ``force`` is set, so an interrupted sweep resumes without duplicating work; temporary files
+    an interrupted attempt left in the run directory are removed first.
+    """
+    cfg = _plain(cfg)
+    run_dir = Path(cfg["run_dir"])
+    metrics_path = run_dir / "metrics.json"
+    if metrics_path.is_file() and not cfg.get("force", False):
+        return json.loads(metrics_path.read_text())
+    remove_stale_temporaries(run_dir, run_dir / "checkpoints")
+    with run_device(cfg["device"], int(cfg.get("gpu_slots") or 1)) as device:
+        return _execute({**cfg, "device": device}, run_dir, metrics_path)
+
+
+def _execute(cfg: dict[str, Any], run_dir: Path, metrics_path: Path) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    seed = int(cfg["seed"])
+    mcfg, dcfg = cfg["model"], cfg["data"]
+
+    tokenizer = load_tokenizer(locate(mcfg["name"]), mcfg["format"])
+    task = build_task(
+        dcfg["task"],
+        tokenizer,
+        format=mcfg["format"],
+        root=dcfg.get("root"),
+        max_length=dcfg["max_length"],
+        max_train=dcfg.get("max_train"),
+        max_eval=dcfg.get("max_eval"),
+        val_size=dcfg["val_size"],
+        seed=seed,
+        **dict(dcfg.get("options") or {}),
+    )
+    model, tokenizer = load_model(
+        mcfg["name"],
+        format=mcfg["format"],
+        num_labels=task.num_classes,
+        dtype=cfg["dtype"],
+        device=cfg["device"],
+        seed=seed,
+    )
+    lcfg = cfg["lora"]
+    peft_model = add_lora(
+        model,
+        LoraSpec(
+            r=lcfg["r"],
+            alpha=lcfg["alpha"],
+            dropout=lcfg["dropout"],
+            target_modules=mcfg.get("target_modules"),
+            modules_to_save=lcfg.get("modules_to_save"),
+            seed=seed,
+        ),
+        format=mcfg["format"],
+    )
+    bl = BayesianLoRA(peft_model, task.readout, cfg["method"]["name"], params=cfg["params"], **_method_options(cfg))
+    train_loader = make_loader(task.train, tokenizer, batch_size=cfg["train"]["batch_size"], shuffle=True, seed=seed)
+    eval_bs = cfg["eval"]["batch_size"]
+    loaders = {
+        "validation": make_loader(task.validation, tokenizer, batch_size=eval_bs),
+        "test": make_loader(task.test, tokenizer, batch_size=eval_bs),
+    }
+    timings: dict[str, float] = {"setup_s": time.perf_counter() - t0}
+
+    t = time.perf_counter()
+    map_info: dict[str, Any] = {}
+    if not getattr(bl.posterior, "trains_adapter", False):
+        map_info, ckpt_dir = _fit_or_load_map(bl, cfg, train_loader, run_dir)
+        if hasattr(bl.posterior, "checkpoint_dir") and bl.posterior.checkpoint_dir is None:
+            bl.posterior.checkpoint_dir = str(ckpt_dir)
+    timings["map_train_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    bl.fit(train_loader, val_loader=loaders["validation"])
+    timings["fit_s"] = time.perf_counter() - t
+
+    splits = list(dict.fromkeys(["validation", *cfg["eval"]["splits"]]))
+    preds: dict[str, Predictions] = {}
+    for split in splits:
+        t = time.perf_counter()
+        preds[split] = bl.predictions(loaders[split], n_samples=cfg["eval"]["n_samples"], seed=seed)
+        timings[f"predict_{split}_s"] = time.perf_counter() - t
+    ood_sets, ood_info = cfg["eval"].get("ood") or {}, {}
+    if ood_sets:
+        t = time.perf_counter()
+        ood_preds, ood_info = predict_ood(
+            bl,
+            tokenizer,
+            ood_sets,
+            data_cfg=dcfg,
+            format=mcfg["format"],
+            num_classes=task.num_classes,
+            batch_size=eval_bs,
+            n_samples=cfg["eval"]["n_samples"],
+            seed=seed,
+        )
+        timings["predict_ood_s"] = time.perf_counter() - t
+
+    result: dict[str, Any] = {
+        "task": dcfg["task"],
+        "data": dcfg["name"],
+        "model": mcfg["name"],
+        "method": cfg["method"]["name"],
+        "method_label": cfg["method_label"],
+        "seed": seed,
+        "prior_precision": cfg["prior_precision"],
+        "num_classes": task.num_classes,
+        "num_train": len(task.train),
+        "num_validation": len(task.validation),
+        "num_test": len(task.test),
+        "data_info": task.info,
+        "map": map_info,
+        "splits": {s: p.metrics() for s, p in preds.items()},
+    }
+    if cfg["eval"]["temperature_row"]:
+        temp = fit_temperature(preds["validation"].mean_logits, preds["validation"].labels)
+        result["temperature"] = temp
+        for split in splits:
+            scaled = temperature_scaled(preds[split], temp)
+            preds[f"{split}_ts"] = scaled
+            result["splits"][f"{split}_ts"] = scaled.metrics()
+    main_split = "test" if "test" in preds else splits[-1]
+    if ood_sets:
+        result["ood"], saved = ood_report(preds, ood_preds, main_split, result.get("temperature"))
+        result["ood_info"] = {"in_distribution": main_split, "sets": ood_info}
+        preds.update(saved)
+    result.update({k: result["splits"][main_split][k] for k in (*METRIC_KEYS, "aurc")})
+    save_torch({s: p.state_dict() for s, p in preds.items()}, run_dir / "predictions.pt")
+    if cfg["eval"]["reliability_diagram"]:
+        from .plots import reliability_diagram
+
+        shown = {cfg["method_label"]: preds[main_split]}
+        if f"{main_split}_ts" in preds:
+            shown[f"{cfg['method_label']} + TS"] = preds[f"{main_split}_ts"]
+        title = f"{dcfg['name']} / {mcfg['name']} / {main_split} (seed {seed})"
+        result["reliability_diagram"] = str(reliability_diagram(shown, run_dir / "reliability.png", title=title))
+    timings["total_s"] = time.perf_counter() - t0
+    result["timings"] = timings
+    result["device"] = str(bl.fn.device)
+    result["run_dir"] = str(run_dir)
+    result["config"] = cfg
+    save_json(result, metrics_path)
+    return result
+
+
+def format_table(result: Mapping[str, Any], split: str = "test") -> str:
+    """A small Markdown table of the run's metrics (percentages for acc/ece)."""
+    rows = [(result["method_label"], result["splits"][split])]
+    if f"{split}_ts" in result["splits"]:
+        rows.append(
+            (f"{result['method_label']} + temperature (T={result['temperature']:.2f})", result["splits"][f"{split}_ts"])
+        )
+    width = max(len(r[0]) for r in rows)
+    lines = [
+        f"| {'method':<{width}} | ACC %  | ECE %  |  NLL   | Brier  |",
+        f"|{'-' * (width + 2)}|--------|--------|--------|--------|",
+    ]
+    for name, m in rows:
+        lines.append(
+            f"| {name:<{width}} | {100 * m['acc']:6.2f} | {100 * m['ece']:6.2f} | {m['nll']:6.4f} | {m['brier']:6.4f} |"
+        )
+    return "\n".join(lines)
+
+
+def _report(result: Mapping[str, Any]) -> None:
+    split = "test" if "test" in result["splits"] else next(iter(result["splits"]))
+    head = f"{result['data']} ({result['task']}, {split} n={result['num_test']})"
+    print(f"\n{head} · {result['model']} · seed {result['seed']}")
+    print(format_table(result, split))
+    if "reliability_diagram" in result:
+        print(f"reliability diagram: {result['reliability_diagram']}")
+    print(f"results: {result['run_dir']}/ (metrics.json, predictions.pt)")
+    print(f"wall time: {result['timings']['total_s']:.1f} s")
+
+
+def main() -> None:
+    """Console script ``bayeslora-run`` (Hydra CLI: ``bayeslora-run method=... data=... seed=...``)."""
+    import warnings
+
+    import hydra
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
+    def _app(cfg: DictConfig) -> float:
+        # peft calls a transformers API deprecated in v5; nothing the user can act on (set per job: with the
+        # joblib launcher jobs run in worker processes)
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        result = run(cfg)
+        _report(result)
+        return float(result["nll"])
+
+    _app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,372 @@
+"""Results directory -> calibration tables (Markdown, LaTeX, CSV), mean ± std over seeds.
+
+Layout as in the Laplace-LoRA / BLoB tables: rows = methods, columns = datasets, one block per
+metric (ACC, ECE, NLL, Brier). ACC and ECE are in percent. The best mean per column is bold
+(max for ACC, min for ECE/NLL/Brier). A cell whose accuracy is not above chance (mean accuracy
+within two binomial standard errors of 1/C) is marked with a dagger.
+
+The ``ood`` layout (runs with ``eval.ood``, see :mod:`bayeslora.ood`): rows = methods, columns = the
+in-distribution test set then the shifted sets, blocks = ACC / ECE / NLL and the OOD-detection AUROCs
+(predictive entropy, mutual information; in-distribution column empty).
+
+Console script: ``bayeslora-tables RESULTS_DIR [--out DIR] [--split test] [--ts] [--ece-bins N]
+[--layout datasets|ood] [--model M] [--data D] [--figures]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .io import atomic_write, load_torch
+from .metrics import ECE_BINS, Predictions
+
+METRICS = {  # name -> (header, scale, higher is better)
+    "acc": ("ACC (%) ↑", 100.0, True),
+    "ece": ("ECE (%) ↓", 100.0, False),
+    "nll": ("NLL ↓", 1.0, False),
+    "brier": ("Brier ↓", 1.0, False),
+    "aurc": ("AURC ↓", 1.0, False),
+    "auroc_entropy": ("OOD AUROC, entropy (%) ↑", 100.0, True),
+    "auroc_mi": ("OOD AUROC, MI (%) ↑", 100.0, True),
+}
+LAYOUTS = {  # layout -> default metric blocks
+    "datasets": ("acc", "ece", "nll", "brier"),
+    "ood": ("acc", "ece", "nll", "auroc_entropy", "auroc_mi"),
+}
+
+
+@dataclass
+class Cell:
+    """All seeds of one (method, dataset) for one metric."""
+
+    values: list[float] = field(default_factory=list)
+    chance: bool = False
+
+    @property
+    def mean(self) -> float:
+        return sum(self.values) / len(self.values)
+
+    @property
+    def std(self) -> float:
+        if len(self.values) < 2:
+            return 0.0
+        m = self.mean
+        return math.sqrt(sum((v - m) ** 2 for v in self.values) / (len(self.values) - 1))
+
+
+def collect(results_dir: str | os.PathLike) -> list[dict]:
+    """Every run's ``metrics.json`` under ``results_dir`` (the MAP cache is skipped)."""
+    root = Path(results_dir)
+    if not root.is_dir():
+        raise ValueError(f"results_dir: {str(root)!r} is not a directory; pass the results_dir of a sweep.")
+    runs = []
+    for path in sorted(root.rglob("metrics.json")):
+        if any(part.startswith(".") for part in path.relative_to(root).parts):
+            continue
+        run = json.loads(path.read_text())
+        run["_dir"] = str(path.parent)
+        runs.append(run)
+    if not runs:
+        raise ValueError(f"results_dir: no metrics.json found under {str(root)!r}; run bayeslora-run first.")
+    return runs
+
+
+def run_metrics(run: dict, split: str, ece_bins: int | None, ood: bool = False) -> dict[str, float] | None:
+    """The metrics of one split (``ood``: one shifted set) of a run, recomputed from ``predictions.pt`` when
+    ``ece_bins`` is given (the OOD AUROCs do not depend on the bins and are kept)."""
+    stored = (run.get("ood") or {}).get(split) if ood else run["splits"].get(split)
+    if stored is None or ece_bins is None or ece_bins == ECE_BINS:
+        return stored
+    preds = load_torch(Path(run["_dir"]) / "predictions.pt")
+    key = f"ood/{split}" if ood else split
+    if key not in preds:
+        return None
+    return {**stored, **Predictions.from_state_dict(preds[key]).metrics(n_bins=ece_bins)}
+
+
+def _above_chance(acc: Cell, num_classes: int | None, n: int | None) -> bool:
+    if not num_classes or not n:
+        return True
+    p = 1.0 / num_classes
+    return acc.mean > p + 2 * math.sqrt(p * (1 - p) / n)
+
+
+def _variants(run: dict, ts_rows: bool) -> list[tuple[str, str]]:
+    """(row label, key suffix): the method's own row and, with ``ts_rows``, its temperature-scaled row."""
+    return [(run["method_label"], ""), *([(f"{run['method_label']} + TS", "_ts")] if ts_rows else [])]
+
+
+def _entries(runs: Iterable[dict], split: str, ts_rows: bool, ece_bins: int | None, layout: str):
+    """Yield ``(row, column, metrics, num_classes, n)`` for every cell value of a layout."""
+    for run in runs:
+        c, n = run.get("num_classes"), run.get(f"num_{split}", run.get("num_test"))
+        if layout == "ood" and not run.get("ood"):
+            continue
+        for label, suffix in _variants(run, ts_rows):
+            m = run_metrics(run, split + suffix, ece_bins)
+            if m is not None:
+                yield label, run["data"] + (" (ID)" if layout == "ood" else ""), m, c, n
+            if layout != "ood":
+                continue
+            for name in sorted(k for k in run["ood"] if not k.endswith("_ts")):
+                m = run_metrics(run, name + suffix, ece_bins, ood=True)
+                if m is not None:
+                    yield label, name, m, c, m.get("n")
+
+
+def aggregate(
+    runs: Iterable[dict],
+    split: str = "test",
+    ts_rows: bool = False,
+    ece_bins: int | None = None,
+    layout: str = "datasets",
+):
+    """Group runs into ``{metric: {method: {column: Cell}}}`` plus the ordered method and column names.
+
+    Columns are the datasets (``layout="datasets"``) or, for ``layout="ood"``, the in-distribution test set
+    followed by the shifted sets of the runs' ``eval.ood``.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout: expected one of {list(LAYOUTS)}, got {layout!r}.")
+    table: dict[str, dict[str, dict[str, Cell]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(Cell)))
+    methods: list[str] = []
+    datasets: list[str] = []
+    info: dict[tuple[str, str], tuple[int | None, int | None]] = {}
+    for label, data, m, c, n in _entries(runs, split, ts_rows, ece_bins, layout):
+        methods.append(label) if label not in methods else None
+        datasets.append(data) if data not in datasets else None
+        info[(label, data)] = (c, n)
+        for metric in METRICS:
+            if metric in m:
+                table[metric][label][data].values.append(float(m[metric]))
+    for (label, data), (c, n) in info.items():
+        acc = table["acc"][label][data]
+        chance = bool(acc.values) and not _above_chance(acc, c, n)
+        for metric in table:
+            if data in table[metric][label]:
+                table[metric][label][data].chance = chance
+    for label in methods:  # OOD detection is meaningless where the model is at chance in distribution
+        for data in datasets:
+            if data.endswith(" (ID)"):
+                for metric in ("auroc_entropy", "auroc_mi"):
+                    for cell in table[metric][label].values():
+                        cell.chance = table["acc"][label][data].chance
+    return table, methods, datasets
+
+
+def _best(table, metric: str, methods: Sequence[str], data: str) -> str | None:
+    higher = METRICS[metric][2]
+    cands = [(table[metric][m][data].mean, m) for m in methods if table[metric][m][data].values]
+    if not cands:
+        return None
+    return (max if higher else min)(cands)[1]
+
+
+def _fmt(cell: Cell, scale: float, digits: int) -> str:
+    if not cell.values:
+        return "–"
+    s = f"{cell.mean * scale:.{digits}f}"
+    if len(cell.values) > 1:
+        s += f" ± {cell.std * scale:.{digits}f}"
+    return s
+
+
+def markdown(table, methods, datasets, metrics: Sequence[str]) -> str:
+    """Markdown tables, one block per metric."""
+    out = []
+    for metric in metrics:
+        header, scale, _ = METRICS[metric]
+        digits = 1 if scale == 100.0 else 3
+        out.append(f"**{header}**\n")
+        out.append("| method | " + " | ".join(datasets) + " |")
+        out.append("|---|" + "---|" * len(datasets))
+        best = {d: _best(table, metric, methods, d) for d in datasets}
+        for m in methods:
+            cells = []
+            for d in datasets:
+                cell = table[metric][m][d]
+                s = _fmt(cell, scale, digits)
+                if cell.values and best[d] == m:
+                    s = f"**{s}**"
+                if cell.chance:
+                    s += " †"
+                cells.append(s)
+            out.append(f"| {m} | " + " | ".join(cells) + " |")
+        out.append("")
+    if any(c.chance for mt in table.values() for row in mt.values() for c in row.values()):
+        out.append("† accuracy not above chance (within 2 binomial s.e. of 1/C).")
+    return "\n".join(out) + "\n"
+
+
+def _tex(s: str) -> str:
+    return s.replace("_", r"\_").replace("%", r"\%").replace("&", r"\&")
+
+
+def latex(table, methods, datasets, metrics: Sequence[str]) -> str:
+    """A booktabs LaTeX table with one block of rows per metric."""
+    cols = "l" + "c" * len(datasets)
+    lines = [r"\begin{tabular}{" + cols + "}", r"\toprule", "Method & " + " & ".join(map(_tex, datasets)) + r" \\"]
+    for metric in metrics:
+        header, scale, _ = METRICS[metric]
+        digits = 1 if scale == 100.0 else 3
+        header = header.replace("↑", r"$\uparrow$").replace("↓", r"$\downarrow$").replace("%", r"\%")
+        lines += [r"\midrule", rf"\multicolumn{{{len(datasets) + 1}}}{{l}}{{\textit{{{header}}}}} \\"]
+        best = {d: _best(table, metric, methods, d) for d in datasets}
+        for m in methods:
+            cells = []
+            for d in datasets:
+                cell = table[metric][m][d]
+                s = _fmt(cell, scale, digits).replace("±", r"$\pm$").replace("–", "--")
+                if cell.values and best[d] == m:
+                    s = rf"\textbf{{{s}}}"
+                if cell.chance:
+                    s += r"$^\dagger$"
+                cells.append(s)
+            lines.append(_tex(m) + " & " + " & ".join(cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def csv_text(table, methods, datasets, metrics: Sequence[str]) -> str:
+    """Long-format CSV: method, dataset, metric, mean, std, n, chance."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["method", "dataset", "metric", "mean", "std", "n_seeds", "chance"])
+    for metric in metrics:
+        for m in methods:
+            for d in datasets:
+                cell = table[metric][m][d]
+                if cell.values:
+                    w.writerow(
+                        [m, d, metric, f"{cell.mean:.6g}", f"{cell.std:.6g}", len(cell.values), int(cell.chance)]
+                    )
+    return buf.getvalue()
+
+
+def make_tables(
+    results_dir: str | os.PathLike,
+    out_dir: str | os.PathLike | None = None,
+    *,
+    split: str = "test",
+    metrics: Sequence[str] | None = None,
+    ts_rows: bool = False,
+    ece_bins: int | None = None,
+    model: str | None = None,
+    name: str = "table",
+    layout: str = "datasets",
+    data: str | None = None,
+    rows: Sequence[str] | None = None,
+    columns: Sequence[str] | None = None,
+) -> dict[str, str]:
+    """Build the tables of a results directory and write ``<name>.md``, ``.tex`` and ``.csv`` into ``out_dir``.
+
+    ``metrics`` defaults to the layout's blocks (:data:`LAYOUTS`); ``model`` / ``data`` keep only the runs of
+    one model / training dataset (a table mixes no models: with several, ``model`` is required). ``rows`` /
+    ``columns`` put those method labels / column names first, in that order (the others follow as found).
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout: expected one of {list(LAYOUTS)}, got {layout!r}.")
+    metrics = LAYOUTS[layout] if metrics is None else metrics
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown:
+        raise ValueError(f"metrics: unknown {unknown}; expected a subset of {list(METRICS)}.")
+    runs = select(collect(results_dir), model=model, data=data, where=str(results_dir))
+    if layout == "ood":
+        trained_on = sorted({r["data"] for r in runs if r.get("ood")})
+        if len(trained_on) > 1:
+            raise ValueError(f"data: OOD runs trained on several datasets {trained_on}; pass data= (--data).")
+    table, methods, datasets = aggregate(runs, split=split, ts_rows=ts_rows, ece_bins=ece_bins, layout=layout)
+    if not methods:
+        what = "OOD metrics (eval.ood)" if layout == "ood" else f"metrics for split {split!r}"
+        raise ValueError(f"split: no run has {what}; expected e.g. split='test', or runs made with eval.ood.")
+    methods, datasets = _ordered(methods, rows), _ordered(datasets, columns)
+    texts = {
+        "md": markdown(table, methods, datasets, metrics),
+        "tex": latex(table, methods, datasets, metrics),
+        "csv": csv_text(table, methods, datasets, metrics),
+    }
+    if out_dir is not None:
+        for ext, text in texts.items():
+            atomic_write(Path(out_dir) / f"{name}.{ext}", lambda p, t=text: p.write_text(t))
+    return texts
+
+
+def _ordered(found: list[str], first: Sequence[str] | None) -> list[str]:
+    first = [x for x in (first or []) if x in found]
+    return first + [x for x in found if x not in first]
+
+
+def select(runs: list[dict], *, model: str | None, data: str | None, where: str) -> list[dict]:
+    """The runs of one model (required when there are several) and optionally one training dataset."""
+    for key, value in (("model", model), ("data", data)):
+        if value is not None:
+            runs = [r for r in runs if r[key] == value]
+            if not runs:
+                raise ValueError(f"{key}: no runs with {key}={value!r} under {where!r}.")
+    models = sorted({r["model"] for r in runs})
+    if len(models) > 1:
+        raise ValueError(f"model: {where!r} holds runs of several models {models}; pass model= (--model) for one.")
+    return runs
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console script ``bayeslora-tables``."""
+    ap = argparse.ArgumentParser(prog="bayeslora-tables", description=__doc__.splitlines()[0])
+    ap.add_argument("results_dir")
+    ap.add_argument("--out", default=None, help="directory for <name>.md/.tex/.csv (default: print only)")
+    ap.add_argument("--name", default="table")
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--metrics", nargs="+", default=None, help="metric blocks (default: the layout's)")
+    ap.add_argument("--layout", choices=list(LAYOUTS), default="datasets", help="columns: datasets or OOD sets")
+    ap.add_argument("--ts", action="store_true", help="add a '<method> + TS' row (temperature fit on validation)")
+    ap.add_argument("--ece-bins", type=int, default=None, help="recompute ECE from predictions.pt with N bins")
+    ap.add_argument("--model", default=None, help="only runs of this model")
+    ap.add_argument("--data", default=None, help="only runs trained on this dataset")
+    ap.add_argument("--rows", nargs="+", default=None, help="method labels to list first, in this order")
+    ap.add_argument("--columns", nargs="+", default=None, help="columns (datasets / OOD sets) first, in this order")
+    ap.add_argument("--figures", action="store_true", help="also write reliability / risk-coverage figures to --out")
+    args = ap.parse_args(argv)
+    if args.figures and args.out is None:
+        ap.error("--figures needs --out DIR (the directory the figures are written to)")
+    texts = make_tables(
+        args.results_dir,
+        args.out,
+        split=args.split,
+        metrics=args.metrics,
+        ts_rows=args.ts,
+        ece_bins=args.ece_bins,
+        model=args.model,
+        name=args.name,
+        layout=args.layout,
+        data=args.data,
+        rows=args.rows,
+        columns=args.columns,
+    )
+    print(texts["md"])
+    if args.figures:
+        from .figures import make_figures
+
+        for path in make_figures(
+            args.results_dir,
+            args.out,
+            split=args.split,
+            model=args.model,
+            data=args.data,
+            ts_rows=args.ts,
+            layout=args.layout,
+            prefix=args.name,
+        ):
+            print(f"figure: {path}")
+
+
+if __name__ == "__main__":
+    main()
