@@ -1,0 +1,1 @@
+"""Benchmark internals behind ``python -m bayeslora.bench`` (model set-up and timing, suites, scaling curves)."""
