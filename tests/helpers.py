@@ -1,0 +1,87 @@
+"""Tiny, fast building blocks for tests: LoRA'd models and synthetic token data where the label is a
+function of the tokens."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from bayeslora.function import AdapterFn
+from bayeslora.models import LoraSpec, add_lora, load_model
+from bayeslora.params import AdapterParams
+from bayeslora.readout import AnswerTokenLogits, SequenceClassificationLogits
+
+
+class TokenDataset(Dataset):
+    """Sequences of random tokens; label = (count of 'marker' tokens) mod C, so it is learnable."""
+
+    def __init__(
+        self,
+        n: int,
+        length: int = 12,
+        num_classes: int = 2,
+        vocab: int = 200,
+        seed: int = 0,
+        pad_id: int = 0,
+        left_pad: bool = False,
+        offset: int = 1000,
+    ):
+        g = torch.Generator().manual_seed(seed)
+        self.items = []
+        for _ in range(n):
+            ln = int(torch.randint(length // 2, length + 1, (1,), generator=g))
+            ids = torch.randint(offset, offset + vocab, (ln,), generator=g)
+            label = int((ids < offset + vocab // 2).sum()) % num_classes
+            self.items.append((ids, label))
+        self.length, self.pad_id, self.left_pad = length, pad_id, left_pad
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+    def collate(self, rows):
+        n = max(len(r[0]) for r in rows)
+        ids = torch.full((len(rows), n), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), n), dtype=torch.long)
+        for i, (x, _) in enumerate(rows):
+            sl = slice(n - len(x), n) if self.left_pad else slice(0, len(x))
+            ids[i, sl], mask[i, sl] = x, 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([r[1] for r in rows])}
+
+    def loader(self, batch_size=8, shuffle=False, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        return DataLoader(self, batch_size=batch_size, shuffle=shuffle, collate_fn=self.collate, generator=g)
+
+
+def tiny_fn(
+    kind: str = "bert",
+    num_classes: int = 2,
+    r: int = 2,
+    dropout: float = 0.0,
+    seed: int = 0,
+    target_modules=None,
+    include_head: bool = True,
+):
+    """A tiny LoRA'd model wrapped as an AdapterFn: kind 'bert' (seq_cls) or 'llama' (mc readout)."""
+    fmt = "seq_cls" if kind == "bert" else "mc"
+    model, tok = load_model(f"tiny-{kind}", format=fmt, num_labels=num_classes, device="cpu", seed=seed)
+    peft_model = add_lora(
+        model, LoraSpec(r=r, alpha=2 * r, dropout=dropout, target_modules=target_modules, seed=seed), format=fmt
+    )
+    params = AdapterParams(peft_model, include_head=include_head)
+    if fmt == "seq_cls":
+        readout = SequenceClassificationLogits(num_classes)
+    else:
+        readout = AnswerTokenLogits.from_tokenizer(tok, "ABCDEFGH"[:num_classes])
+    return AdapterFn(peft_model, params, readout), tok
+
+
+def randomize_lora_b(fn: AdapterFn, scale: float = 0.1, seed: int = 0) -> None:
+    """LoRA B starts at zero; give it values so gradients/Jacobians w.r.t. A are non-zero."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in fn.params.tensors().items():
+            if "lora_B" in name:
+                p.copy_(scale * torch.randn(p.shape, generator=g))

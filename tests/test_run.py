@@ -1,0 +1,58 @@
+import json
+
+import pytest
+import torch
+
+from bayeslora.run import compose, config_dir, format_table, run
+
+SMOKE = ["experiment=smoke", "eval.reliability_diagram=true"]
+
+
+def _cfg(tmp_path, *extra):
+    return compose([*SMOKE, f"results_dir={tmp_path}", *extra])
+
+
+def test_config_dir_and_groups():
+    root = config_dir()
+    for group in ("model", "lora", "data", "method", "train", "experiment", "hydra"):
+        assert (root / group).is_dir(), group
+    cfg = compose([])
+    assert cfg.model.name == "minilm" and cfg.data.root == "demo" and cfg.method.name == "map"
+
+
+def test_smoke_run_writes_metrics_predictions_and_plot(tmp_path):
+    result = run(_cfg(tmp_path))
+    run_dir = tmp_path / "sst2_demo" / "tiny-bert" / "map" / "seed_0"
+    assert result["run_dir"] == str(run_dir)
+    stored = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("task", "model", "method", "seed", "acc", "ece", "nll", "brier", "timings", "config"):
+        assert key in stored
+    assert stored["task"] == "sst2" and stored["num_test"] == 128 and stored["num_classes"] == 2
+    preds = torch.load(run_dir / "predictions.pt", weights_only=True)
+    assert set(preds) >= {"test", "validation", "test_ts"}
+    assert preds["test"]["log_probs"].shape == (128, 2)
+    assert stored["acc"] == pytest.approx(stored["splits"]["test"]["acc"])
+    assert stored["splits"]["test_ts"]["acc"] == pytest.approx(stored["acc"])  # temperature keeps the argmax
+    assert (run_dir / "reliability.png").stat().st_size > 1000
+    assert "| map " in format_table(stored) and "temperature" in format_table(stored)
+
+
+def test_completed_run_is_skipped_and_map_cache_is_reused(tmp_path):
+    first = run(_cfg(tmp_path))
+    metrics = tmp_path / "sst2_demo" / "tiny-bert" / "map" / "seed_0" / "metrics.json"
+    stamp = metrics.stat().st_mtime_ns
+    assert run(_cfg(tmp_path)) == json.loads(metrics.read_text())
+    assert metrics.stat().st_mtime_ns == stamp
+    # another method with the same MAP setting re-uses the cached adapter
+    second = run(_cfg(tmp_path, "method=temperature"))
+    assert first["map"]["cached"] is False and second["map"]["cached"] is True
+    assert second["splits"]["test"]["acc"] == pytest.approx(first["splits"]["test"]["acc"])
+    forced = run(_cfg(tmp_path, "force=true"))
+    assert metrics.stat().st_mtime_ns != stamp and forced["map"]["cached"] is True
+
+
+def test_unknown_names_give_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown method"):
+        run(_cfg(tmp_path, "method.name=nope"))
+    with pytest.raises(ValueError, match="unknown task"):
+        run(_cfg(tmp_path, "data.task=nope"))

@@ -1,0 +1,79 @@
+import json
+
+import pytest
+import torch
+
+from bayeslora.metrics import Predictions
+from bayeslora.tables import aggregate, collect, main, make_tables
+
+
+def _write_run(root, data, method, seed, acc, ece, nll=0.5, brier=0.3, c=2, n=200, preds=None):
+    d = root / data / "m" / method / f"seed_{seed}"
+    d.mkdir(parents=True)
+    m = {"acc": acc, "ece": ece, "nll": nll, "brier": brier, "aurc": 0.1}
+    run = {
+        "data": data,
+        "task": data,
+        "model": "m",
+        "method": method,
+        "method_label": method,
+        "seed": seed,
+        "num_classes": c,
+        "num_test": n,
+        "splits": {"test": m, "test_ts": {**m, "ece": ece / 2}},
+        **m,
+    }
+    (d / "metrics.json").write_text(json.dumps(run))
+    if preds is not None:
+        torch.save({"test": preds.state_dict()}, d / "predictions.pt")
+
+
+def test_aggregate_mean_std_best_and_chance(tmp_path):
+    for s, (a, e) in enumerate([(0.80, 0.10), (0.84, 0.14)]):
+        _write_run(tmp_path, "rte", "map", s, a, e)
+    for s, (a, e) in enumerate([(0.82, 0.04), (0.82, 0.06)]):
+        _write_run(tmp_path, "rte", "kfac", s, a, e)
+    _write_run(tmp_path, "arc", "map", 0, 0.26, 0.02, c=4, n=100)  # chance level for 4 classes
+    (tmp_path / ".map_cache" / "x").mkdir(parents=True)
+    (tmp_path / ".map_cache" / "x" / "metrics.json").write_text("{}")  # ignored
+    runs = collect(tmp_path)
+    assert len(runs) == 5
+    table, methods, datasets = aggregate(runs)
+    assert methods == ["map", "kfac"] and datasets == ["arc", "rte"]  # order of discovery (sorted paths)
+    cell = table["acc"]["map"]["rte"]
+    assert cell.mean == pytest.approx(0.82) and cell.std == pytest.approx(0.028284, rel=1e-4)
+    assert table["acc"]["map"]["arc"].chance and not table["acc"]["map"]["rte"].chance
+    md = make_tables(tmp_path)["md"]
+    assert "| kfac | – | 82.0 ± 0.0 |" in md
+    assert "**5.0 ± 1.4**" in md and "†" in md  # best ECE on rte is kfac's; arc is at chance
+    texts = make_tables(tmp_path, tmp_path / "out", ts_rows=True)
+    assert "| kfac + TS | – | **2.5 ± 0.7** |" in texts["md"]
+    assert "\\textbf{" in texts["tex"] and "\\toprule" in texts["tex"]
+    assert (tmp_path / "out" / "table.csv").read_text().startswith("method,dataset,metric,mean,std,n_seeds,chance")
+
+
+def test_recompute_ece_with_other_bins_from_predictions(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    lp = torch.log_softmax(2 * torch.randn(200, 2, generator=g).double(), -1)
+    # correct with probability 0.75 whatever the confidence: under- and over-confident bins, so the binning matters
+    correct = torch.rand(200, generator=g) < 0.75
+    y = torch.where(correct, lp.argmax(-1), 1 - lp.argmax(-1))
+    p = Predictions(lp, y, lp.float(), torch.zeros(200), torch.zeros(200))
+    m15, m5 = p.metrics(), p.metrics(n_bins=5)
+    _write_run(tmp_path, "rte", "map", 0, m15["acc"], m15["ece"], preds=p)
+    table, _, _ = aggregate(collect(tmp_path), ece_bins=5)
+    assert table["ece"]["map"]["rte"].mean == pytest.approx(m5["ece"])
+    assert m5["ece"] != pytest.approx(m15["ece"])
+
+
+def test_cli_and_errors(tmp_path, capsys):
+    _write_run(tmp_path, "rte", "map", 0, 0.8, 0.1)
+    main([str(tmp_path), "--metrics", "acc", "ece"])
+    assert "**ACC (%) ↑**" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="no metrics.json"):
+        (tmp_path / "empty").mkdir()
+        make_tables(tmp_path / "empty")
+    with pytest.raises(ValueError, match="not a directory"):
+        collect(tmp_path / "missing")
+    with pytest.raises(ValueError, match="unknown \\['f1'\\]"):
+        make_tables(tmp_path, metrics=["f1"])

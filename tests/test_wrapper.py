@@ -1,0 +1,84 @@
+import pytest
+import torch
+from helpers import TokenDataset, tiny_fn
+
+from bayeslora import BayesianLoRA, SequenceClassificationLogits
+from bayeslora.models import load_model
+from bayeslora.posteriors import METHODS, make_posterior
+from bayeslora.posteriors.map import MAP
+
+
+def _bl(method="map", **kw):
+    fn, _ = tiny_fn("bert", r=2)
+    return BayesianLoRA(fn.model, fn.readout, method, **kw)
+
+
+def test_fit_map_fit_predict_evaluate():
+    bl = _bl(prior_precision=2.0)
+    ds = TokenDataset(48, seed=1)
+    res = bl.fit_map(ds.loader(8, shuffle=True), {"lr": 1e-2, "max_steps": 5, "progress": False})
+    assert res.steps == 5 and res.config["prior_precision"] == 2.0
+    bl.fit(ds.loader(8))
+    batch = next(iter(ds.loader(8)))
+    pred = bl.predict(batch)
+    assert pred.logits.shape == (1, 8, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(pred.logits[0], bl.fn(None, batch))
+    m = bl.evaluate(ds.loader(16))
+    assert set(m) == {"acc", "ece", "nll", "brier", "aurc"}
+    preds = bl.predictions(ds.loader(16))
+    assert preds.log_probs.shape == (48, 2) and torch.equal(
+        preds.labels, torch.cat([b["labels"] for b in ds.loader(16)])
+    )
+    assert m["nll"] == pytest.approx(preds.metrics()["nll"])
+
+
+def test_predict_before_fit_is_a_clear_error():
+    bl = _bl()
+    with pytest.raises(RuntimeError, match="not fitted; call fit"):
+        bl.predict(next(iter(TokenDataset(4).loader(4))))
+
+
+def test_save_load_round_trip_gives_identical_predictions(tmp_path):
+    bl = _bl()
+    ds = TokenDataset(32, seed=2)
+    bl.fit_map(ds.loader(8), {"lr": 1e-2, "max_steps": 4, "progress": False})
+    bl.fit(ds.loader(8))
+    before = bl.predictions(ds.loader(16)).log_probs
+    bl.save(tmp_path / "run")
+    bl.save(tmp_path / "run")  # overwriting an existing save is atomic and allowed
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    base, _ = load_model("tiny-bert", device="cpu", seed=0)
+    loaded = BayesianLoRA.load(tmp_path / "run", base)
+    after = loaded.predictions(ds.loader(16)).log_probs
+    torch.testing.assert_close(before, after)
+    assert loaded.method == "map" and loaded.params.names == bl.params.names
+    with pytest.raises(ValueError, match="not a saved BayesianLoRA"):
+        BayesianLoRA.load(tmp_path, base)
+
+
+def test_temperature_method_needs_validation_split():
+    bl = _bl("temperature")
+    ds = TokenDataset(16)
+    with pytest.raises(ValueError, match="val_loader: temperature scaling needs a validation split"):
+        bl.fit(ds.loader(8))
+    bl.fit(ds.loader(8), val_loader=ds.loader(8))
+    assert bl.posterior.temperature > 0
+
+
+def test_bad_method_and_readout_arguments():
+    fn, _ = tiny_fn("bert")
+    with pytest.raises(ValueError, match="unknown method 'laplacian'.*expected one of"):
+        BayesianLoRA(fn.model, fn.readout, "laplacian")
+    with pytest.raises(TypeError, match="readout: expected a Readout"):
+        BayesianLoRA(fn.model, "logits")
+    with pytest.raises(TypeError, match="unexpected option"):
+        BayesianLoRA(fn.model, SequenceClassificationLogits(2), "map", n_samples=3)
+    with pytest.raises(TypeError, match="configure it"):
+        BayesianLoRA(fn.model, fn.readout, MAP(), n_samples=3)
+
+
+def test_registry_fixed_options_cannot_be_contradicted():
+    assert {"map", "temperature", "kfac_laplace", "vi_meanfield", "ensemble"} <= set(METHODS)
+    with pytest.raises(ValueError, match="structure='kron' conflicts with the method"):
+        make_posterior("diag_laplace", structure="kron")
