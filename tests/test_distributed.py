@@ -4,7 +4,6 @@ sums over the data, gathered predictions and the K-FAC Laplace fit."""
 
 from __future__ import annotations
 
-import inspect
 import os
 import socket
 
@@ -17,15 +16,12 @@ from helpers import TokenDataset, tiny_fn
 from bayeslora import distributed
 from bayeslora.metrics import predict_loader
 from bayeslora.posteriors import make_posterior
-from bayeslora.posteriors.kfac import fit_curvature
 from bayeslora.posteriors.lowrank import FrequentDirections
 from bayeslora.train import TrainConfig, train_map
 
 WORLD = 2
 N_TRAIN, N_EVAL = 36, 13  # 36 = 4 full global batches of 8 + one of 4 (split 2/2); 13 is uneven over 2 ranks
 TRAIN = dict(lr=1e-2, epochs=2, prior_precision=1.0, seed=3, progress=False)
-# K-FAC needs one line in bayeslora/posteriors/kfac.py:fit_curvature (see distributed.reduce_sums_).
-KFAC_HOOKED = "reduce_sums_" in inspect.getsource(fit_curvature)
 
 
 class _Side:
@@ -100,10 +96,9 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         vals, vecs, err = acc.side.sketch.eig(5)
         out["acc_total"], out["acc_sketch"], out["acc_err"] = acc.total, (vecs * vals) @ vecs.T, torch.tensor(err)
         out["acc_steps"] = acc.steps
-        if KFAC_HOOKED:
-            post = _laplace().fit(fn, distributed.shard(train.loader(5), even=False))
-            out["kfac"] = _kron_state(post)
-            out["kfac_loss"], out["kfac_prior"] = torch.tensor(post.loss), post.prior
+        post = _laplace().fit(fn, distributed.shard(train.loader(5), even=False))
+        out["kfac"] = _kron_state(post)
+        out["kfac_loss"], out["kfac_prior"] = torch.tensor(post.loss), post.prior
         torch.save(out, f"{out_dir}/rank{rank}.pt")
     finally:
         distributed.shutdown()
@@ -143,9 +138,8 @@ def _single() -> dict:
         "stat": _stat(ev.loader(3)),
         "log_probs": predict_loader(make_posterior("map").fit(fn), fn, ev.loader(3)).log_probs,
     }
-    if KFAC_HOOKED:
-        post = _laplace().fit(fn, train.loader(5))
-        out["kfac"], out["kfac_loss"], out["kfac_prior"] = _kron_state(post), torch.tensor(post.loss), post.prior
+    post = _laplace().fit(fn, train.loader(5))
+    out["kfac"], out["kfac_loss"], out["kfac_prior"] = _kron_state(post), torch.tensor(post.loss), post.prior
     return out
 
 
@@ -179,7 +173,6 @@ def test_reduce_sums_adds_tensors_and_merges_sketches(two_ranks):
         assert int(r["acc_steps"]) == 1  # integer tensors are not sums: left alone
 
 
-@pytest.mark.skipif(not KFAC_HOOKED, reason="kfac.fit_curvature does not call distributed.reduce_sums_ yet")
 def test_two_process_kfac_fit_equals_one_process(two_ranks, single):
     for r in two_ranks:
         torch.testing.assert_close(r["kfac_loss"], single["kfac_loss"], rtol=1e-6, atol=1e-8)

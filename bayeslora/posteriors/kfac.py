@@ -44,6 +44,7 @@ from typing import Any
 
 import torch
 
+from .. import distributed
 from ..function import AdapterFn
 from ..params import ParamGroup
 from .lowrank import FrequentDirections, eig_psd
@@ -357,7 +358,9 @@ def fit_curvature(
     """One pass over ``loader``: per-layer K-FAC factors (or the exact diagonal GGN) at ``values``.
 
     The model is called through ``fn(values, batch)`` (so ``requires_grad`` flags of the model are
-    irrelevant); call it in eval mode. Memory: one forward graph plus the accumulators.
+    irrelevant); call it in eval mode. Memory: one forward graph plus the accumulators. Under
+    ``torch.distributed`` each rank passes its shard (``distributed.shard(loader, even=False)``) and the
+    sums (factors, loss, count) are all-reduced once at the end, so every rank gets the full-data fit.
 
     Args:
         fn: the AdapterFn.
@@ -397,6 +400,8 @@ def fit_curvature(
                 for acc, rec, grad in zip(accs, records, grads):
                     acc.add_grads(torch.zeros_like(rec.output) if grad is None else grad, rec.input.detach())
         n_seen += labels.shape[0]
+    # data-parallel fits (torchrun): add up every rank's sums over its shard (a no-op on one process)
+    loss, n_seen = distributed.reduce_sums_(accs, loss, n_seen)
     if n_seen == 0:
         raise ValueError("loader: yielded no batches; Laplace needs the training data the MAP was fit on.")
     return Curvature([acc.finish(n_seen) for acc in accs], loss, n_seen)
