@@ -5,7 +5,9 @@ peft's SEQ_CLS handling both toggle ``requires_grad`` and would otherwise fool u
 tensors are
 
 * ``lora_A[adapter].weight`` / ``lora_B[adapter].weight`` of every peft ``LoraLayer``
-  (``lora_embedding_A/B`` for LoRA'd embeddings), optionally filtered by module-name patterns;
+  (``lora_embedding_A/B`` for LoRA'd embeddings), optionally filtered by module-name patterns and
+  by side (``lora_tensors=("B",)`` puts the posterior on the B matrices only, the A matrices stay
+  fixed at their current values);
 * optionally the trainable copy of each ``modules_to_save`` module (e.g. a classification head),
   i.e. ``<name>.modules_to_save[adapter].*`` — never ``original_module``.
 
@@ -69,6 +71,9 @@ class AdapterParams:
         include: optional regex patterns; a LoRA layer is kept if its module name matches any.
         exclude: optional regex patterns; a LoRA layer is dropped if its module name matches any.
         include_head: also select the trainable ``modules_to_save`` copies (e.g. a SEQ_CLS head).
+        lora_tensors: which LoRA sides are random: ``("A", "B")`` (default), ``("A",)`` or ``("B",)``
+            (``"A"`` also selects ``lora_embedding_A``, ``"B"`` ``lora_embedding_B``). Unselected tensors
+            keep their current values in every forward.
 
     Raises:
         ValueError: if the model has no LoRA layers for ``adapter_name`` or the filters leave none.
@@ -81,6 +86,7 @@ class AdapterParams:
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
         include_head: bool = True,
+        lora_tensors: Sequence[str] = ("A", "B"),
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module (a peft model), got {type(model).__name__}.")
@@ -89,6 +95,11 @@ class AdapterParams:
         self.include = list(include or [])
         self.exclude = list(exclude or [])
         self.include_head = bool(include_head)
+        if isinstance(lora_tensors, str) or not set(lora_tensors) or not set(lora_tensors) <= {"A", "B"}:
+            raise ValueError(
+                f"lora_tensors: expected a non-empty subset of ['A', 'B'] (e.g. ['A', 'B'] or ['B']), got {lora_tensors!r}."
+            )
+        self.lora_tensors = sorted(set(lora_tensors))
         self.groups: list[ParamGroup] = self._select()
         named = dict(model.named_parameters())
         self._live = {n: named[n] for g in self.groups for n in g.names}
@@ -104,6 +115,8 @@ class AdapterParams:
             if isinstance(module, lora_types):
                 n_lora += 1
                 for attr in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"):
+                    if attr[-1] not in self.lora_tensors:
+                        continue
                     container = getattr(module, attr, None)
                     if container is None:
                         continue
@@ -144,8 +157,8 @@ class AdapterParams:
                     f"adapter_name: no LoRA adapter named {self.adapter_name!r}; the model has {sorted(seen_adapters)}."
                 )
             raise ValueError(
-                f"include/exclude: the patterns include={self.include} exclude={self.exclude} leave no LoRA layer "
-                "selected; loosen them."
+                f"include/exclude: the patterns include={self.include} exclude={self.exclude} (lora_tensors="
+                f"{self.lora_tensors}) leave no LoRA tensor selected; loosen them."
             )
         return groups
 

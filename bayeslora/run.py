@@ -29,6 +29,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .data import build_task, make_loader
@@ -39,7 +40,7 @@ from .ood import ood_report, predict_ood, temperature_scaled
 from .posteriors import accepts
 from .posteriors.baselines import fit_temperature
 from .sweep import file_lock, remove_stale_temporaries, run_device
-from .train import TrainConfig, TrainResult
+from .train import TrainConfig, TrainResult, trainable_parameters
 from .wrapper import BayesianLoRA
 
 METRIC_KEYS = ("acc", "ece", "nll", "brier")
@@ -69,6 +70,10 @@ def _plain(cfg: Any) -> Any:
 
 def _map_key(cfg: Mapping[str, Any]) -> str:
     parts = {k: cfg[k] for k in ("model", "lora", "data", "train", "seed", "prior_precision", "params", "dtype")}
+    params = dict(parts["params"] or {})
+    if sorted(params.get("lora_tensors") or ["A", "B"]) == ["A", "B"]:  # the default: keys of older caches hold
+        params.pop("lora_tensors", None)
+    parts["params"] = params
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -99,7 +104,7 @@ def _fit_or_load_map(bl: BayesianLoRA, cfg: Mapping[str, Any], loader, run_dir: 
 def _fit_map(bl: BayesianLoRA, cfg: Mapping[str, Any], loader, ckpt_dir: Path, cache: Path | None):
     if cache is not None and (cache / "map.pt").is_file():
         state = load_torch(cache / "map.pt")
-        bl.params.load(state["values"])
+        _load_trained(bl, state["values"])
         return {**state["train"], "cached": True}, ckpt_dir
     result: TrainResult = bl.fit_map(loader, _train_config(cfg, ckpt_dir, len(loader)))
     info = {
@@ -110,8 +115,21 @@ def _fit_map(bl: BayesianLoRA, cfg: Mapping[str, Any], loader, ckpt_dir: Path, c
         "checkpoints": result.checkpoints,
     }
     if cache is not None:
-        save_torch({"values": {k: v.cpu() for k, v in bl.params.values().items()}, "train": info}, cache / "map.pt")
+        values = {k: p.detach().cpu().clone() for k, p in trainable_parameters(bl.fn).items()}
+        save_torch({"values": values, "train": info}, cache / "map.pt")
     return {**info, "cached": False}, ckpt_dir
+
+
+@torch.no_grad()
+def _load_trained(bl: BayesianLoRA, values: Mapping[str, Any]) -> None:
+    """Copy the cached MAP tensors (every tensor ``train_map`` trained) into the model."""
+    bl.params.check({k: v for k, v in values.items() if k in bl.params.names}, argument="MAP cache")
+    named = dict(bl.model.named_parameters())
+    unknown = [k for k in values if k not in named]
+    if unknown:
+        raise ValueError(f"MAP cache: tensors {unknown[:3]} are not in the model; delete the stale cache entry.")
+    for k, v in values.items():
+        named[k].copy_(v.to(device=named[k].device, dtype=named[k].dtype))
 
 
 def _method_options(cfg: Mapping[str, Any]) -> dict[str, Any]:

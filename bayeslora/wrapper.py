@@ -49,7 +49,7 @@ class BayesianLoRA:
         readout: maps model outputs to class logits ``[B, C]``.
         method: a registered method name (see ``bayeslora.posteriors.METHODS``) or a Posterior instance.
         params: the adapter selection: an :class:`AdapterParams`, or a dict of its keyword arguments
-            (``adapter_name``, ``include``, ``exclude``, ``include_head``).
+            (``adapter_name``, ``include``, ``exclude``, ``include_head``, ``lora_tensors``).
         prior_precision: λ of the Gaussian prior; used as the MAP L2 in :meth:`fit_map` and passed to
             methods that take a prior precision. None: keep each side's own default.
         autocast_dtype: ``"auto"`` (bf16 autocast on CUDA), None, or a dtype.
@@ -153,6 +153,7 @@ class BayesianLoRA:
                     "include": self.params.include,
                     "exclude": self.params.exclude,
                     "include_head": self.params.include_head,
+                    "lora_tensors": self.params.lora_tensors,
                 },
                 "prior_precision": self.prior_precision,
             }

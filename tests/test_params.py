@@ -82,3 +82,16 @@ def test_flatten_unflatten_check_load():
     assert all(float(t.detach().abs().sum()) == 0 for t in p.tensors().values())
     p.load(v)
     assert all(torch.equal(p.tensors()[k], v[k]) for k in v)
+
+
+def test_lora_tensors_selects_one_side():
+    fn, _ = tiny_fn("bert")
+    only_b = AdapterParams(fn.model, lora_tensors=["B"])
+    assert {g.kind for g in only_b.groups} == {"lora_B", "head"}
+    only_a = AdapterParams(fn.model, lora_tensors=("A",), include_head=False)
+    assert {g.kind for g in only_a.groups} == {"lora_A"}
+    both = AdapterParams(fn.model)
+    assert set(both.names) == set(only_a.names) | set(only_b.names)
+    for bad in ("B", [], ["C"]):
+        with pytest.raises(ValueError, match="lora_tensors"):
+            AdapterParams(fn.model, lora_tensors=bad)
