@@ -85,3 +85,47 @@ def randomize_lora_b(fn: AdapterFn, scale: float = 0.1, seed: int = 0) -> None:
         for name, p in fn.params.tensors().items():
             if "lora_B" in name:
                 p.copy_(scale * torch.randn(p.shape, generator=g))
+
+
+class LinearToy(torch.nn.Module):
+    """Frozen mean-pooled token embeddings -> ``head`` (an nn.Linear): with LoRA on ``head`` and only its B matrix
+    random, the logits are affine in the random tensor, so Gaussian-likelihood posteriors are known in closed form.
+    ``offset`` gives the embeddings a shared component, so the posterior is clearly correlated (mean-field != full)."""
+
+    def __init__(self, vocab: int = 64, dim: int = 6, num_classes: int = 2, seed: int = 0, offset: float = 3.0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.embed = torch.nn.Embedding(vocab, dim)
+        self.head = torch.nn.Linear(dim, num_classes)
+        with torch.no_grad():
+            self.embed.weight.copy_(torch.randn(vocab, dim, generator=g) + offset)  # shared part: correlated posterior
+            self.head.weight.copy_(0.3 * torch.randn(num_classes, dim, generator=g))
+        self.embed.requires_grad_(False)
+
+    def forward(self, input_ids, attention_mask=None, **_):
+        from transformers.modeling_outputs import SequenceClassifierOutput
+
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        w = mask.to(self.embed.weight.dtype)[..., None]
+        pooled = (self.embed(input_ids) * w).sum(1) / w.sum(1).clamp_min(1.0)
+        return SequenceClassifierOutput(logits=self.head(pooled))
+
+
+def linear_toy_fn(num_classes: int = 2, r: int = 2, seed: int = 0, lora_tensors=("B",)):
+    """A LoRA'd :class:`LinearToy` as an AdapterFn (LoRA A random-initialised and fixed unless selected)."""
+    from peft import LoraConfig, get_peft_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = get_peft_model(
+            LinearToy(num_classes=num_classes, seed=seed),
+            LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=["head"]),
+        )
+    return AdapterFn(model, AdapterParams(model, lora_tensors=lora_tensors), SequenceClassificationLogits(num_classes))
+
+
+def token_batch(n: int, seed: int = 0, vocab: int = 64, length: int = 5) -> dict[str, torch.Tensor]:
+    """A full batch of ``n`` random token sequences (ids < vocab) with labels ``n mod 2``."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab, (n, length), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.arange(n) % 2}
