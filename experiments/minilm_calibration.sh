@@ -2,16 +2,24 @@
 # MiniLM (22.7M encoder, sequence classification) x {RTE, BoolQ, SST-2} x methods x seeds {0, 1, 2}, CPU
 # -> paper/tables/minilm_calibration.{md,tex,csv} and its reliability / risk-coverage figures.
 #   BAYESLORA_DATA=/path/to/data experiments/minilm_calibration.sh [Hydra overrides, e.g. seed=0]
-# METHODS (comma list) picks the methods of the main sweep; ENSEMBLE_K=0 skips the deep ensemble (k=3 here: each
-# member is a full MAP training). Resumable: re-run the same command after an interruption.
-# Expected CPU time: see experiments/README.md (hours on 2 cores; device=auto on a GPU machine: minutes).
+# Stages in priority order (each a resumable Hydra multirun; the MAP runs fill the MAP cache the post-hoc methods
+# load): MAP / temperature / K-FAC Laplace (marglik prior), K-FAC Laplace with the validation-NLL prior
+# (row kfac_laplace_val), the VI guides, the deep ensemble (k=ENSEMBLE_K, ENSEMBLE_K=0 skips it), the remaining
+# baselines. Re-run the same command after an interruption: finished runs are skipped.
+# CPU time: see experiments/README.md (hours on 2 cores; device=auto on a GPU machine: minutes).
 source "$(dirname "$0")/common.sh"
-METHODS=${METHODS:-map,temperature,checkpoint_ensemble,mc_dropout,last_layer_laplace,kfac_laplace,vi_meanfield,vi_blob}
 ENSEMBLE_K=${ENSEMBLE_K:-3}
-nice -n 10 "${RUN[@]}" -m experiment=minilm_calibration "method=$METHODS" "$@"
+SAMPLES=${SAMPLES:-8}   # predictive samples of VI and MC dropout in this CPU study
+sweep() { nice -n 10 "${RUN[@]}" -m experiment=minilm_calibration "$@"; }
+sweep method=map,temperature,kfac_laplace "$@"
+sweep method=kfac_laplace method.prior_fit=val_nll method_label=kfac_laplace_val "$@"
+sweep method=vi_blob,vi_meanfield "method.n_samples=$SAMPLES" "$@"
 if [ "$ENSEMBLE_K" -gt 0 ]; then
-  nice -n 10 "${RUN[@]}" -m experiment=minilm_calibration method=ensemble "method.k=$ENSEMBLE_K" "$@"
+  sweep method=ensemble "method.k=$ENSEMBLE_K" "$@"
 fi
+sweep method=last_layer_laplace,checkpoint_ensemble "$@"
+sweep method=mc_dropout "method.n_samples=$SAMPLES" "$@"
 "${TABLES[@]}" results/minilm_calibration --model minilm --out paper/tables --name minilm_calibration --figures \
   --columns rte boolq sst2 \
-  --rows map temperature mc_dropout checkpoint_ensemble ensemble last_layer_laplace kfac_laplace vi_meanfield vi_blob
+  --rows map temperature mc_dropout checkpoint_ensemble ensemble last_layer_laplace kfac_laplace kfac_laplace_val \
+  vi_meanfield vi_blob
