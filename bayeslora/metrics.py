@@ -84,7 +84,7 @@ def ood_auroc(score_in: torch.Tensor, score_out: torch.Tensor) -> float:
     """AUROC of separating OOD (positive) from in-distribution by an uncertainty score."""
     if score_in.numel() == 0 or score_out.numel() == 0:
         raise ValueError("score_in/score_out: expected non-empty score vectors for both sets.")
-    scores = torch.cat([score_in.reshape(-1), score_out.reshape(-1)]).float()
+    scores = torch.cat([score_in.reshape(-1), score_out.reshape(-1)]).double()  # float32 would create ties
     target = torch.cat([torch.zeros(score_in.numel()), torch.ones(score_out.numel())]).long()
     return binary_auroc(scores, target).item()
 

@@ -1,11 +1,12 @@
 """OOD evaluation: metrics against naive references, the runner's eval.ood, the OOD table layout."""
 
 import json
+import math
 
 import pytest
 import torch
 
-from bayeslora.metrics import Predictions
+from bayeslora.metrics import Predictions, ood_auroc
 from bayeslora.ood import ood_metrics, ood_report, predict_ood, temperature_scaled
 from bayeslora.predictive import Predictive
 from bayeslora.run import compose, run
@@ -103,3 +104,9 @@ def test_run_evaluates_shifted_sets_and_builds_the_ood_table(tmp_path, shared_da
         _ood_run(tmp_path, shared_data, "method_label=mismatch", "+eval.ood.rte={}")
     with pytest.raises(ValueError, match="data: no runs with data='nope'"):
         make_tables(tmp_path, layout="ood", data="nope")
+
+
+def test_auroc_keeps_score_differences_below_float32_resolution():
+    score_in = math.log(4) + torch.arange(6, dtype=torch.float64) * 1e-12  # all equal in float32
+    score_out = math.log(4) + torch.tensor([0.5, 1.5, 2.5], dtype=torch.float64) * 1e-12
+    assert ood_auroc(score_in, score_out) == pytest.approx(_naive_auroc(score_in, score_out), abs=1e-6)
