@@ -13,7 +13,7 @@ SAMPLES=${SAMPLES:-8}   # predictive samples of VI and MC dropout in this CPU st
 sweep() { nice -n 10 "${RUN[@]}" -m experiment=minilm_calibration "$@"; }
 sweep method=map,temperature,kfac_laplace "$@"
 sweep method=kfac_laplace method.prior_fit=val_nll method_label=kfac_laplace_val "$@"
-sweep method=vi_blob,vi_meanfield "method.n_samples=$SAMPLES" "$@"
+sweep method=vi_blob,vi_meanfield "++method.n_samples=$SAMPLES" "$@"  # ++: the primary config (method=map) has no n_samples
 if [ "$ENSEMBLE_K" -gt 0 ]; then
   sweep method=ensemble "method.k=$ENSEMBLE_K" "$@"
 fi
