@@ -29,7 +29,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .data import build_task, make_loader
@@ -40,7 +39,7 @@ from .ood import ood_report, predict_ood, temperature_scaled
 from .posteriors import accepts
 from .posteriors.baselines import fit_temperature
 from .sweep import file_lock, remove_stale_temporaries, run_device
-from .train import TrainConfig, TrainResult, trainable_parameters
+from .train import TrainConfig, TrainResult, load_trained, trained_values
 from .wrapper import BayesianLoRA
 
 METRIC_KEYS = ("acc", "ece", "nll", "brier")
@@ -104,7 +103,7 @@ def _fit_or_load_map(bl: BayesianLoRA, cfg: Mapping[str, Any], loader, run_dir: 
 def _fit_map(bl: BayesianLoRA, cfg: Mapping[str, Any], loader, ckpt_dir: Path, cache: Path | None):
     if cache is not None and (cache / "map.pt").is_file():
         state = load_torch(cache / "map.pt")
-        _load_trained(bl, state["values"])
+        load_trained(bl.fn, state["values"], argument="MAP cache")
         return {**state["train"], "cached": True}, ckpt_dir
     result: TrainResult = bl.fit_map(loader, _train_config(cfg, ckpt_dir, len(loader)))
     info = {
@@ -115,21 +114,10 @@ def _fit_map(bl: BayesianLoRA, cfg: Mapping[str, Any], loader, ckpt_dir: Path, c
         "checkpoints": result.checkpoints,
     }
     if cache is not None:
-        values = {k: p.detach().cpu().clone() for k, p in trainable_parameters(bl.fn).items()}
+        values = {k: v.cpu() for k, v in trained_values(bl.fn).items()}
         save_torch({"values": values, "train": info}, cache / "map.pt")
     return {**info, "cached": False}, ckpt_dir
 
-
-@torch.no_grad()
-def _load_trained(bl: BayesianLoRA, values: Mapping[str, Any]) -> None:
-    """Copy the cached MAP tensors (every tensor ``train_map`` trained) into the model."""
-    bl.params.check({k: v for k, v in values.items() if k in bl.params.names}, argument="MAP cache")
-    named = dict(bl.model.named_parameters())
-    unknown = [k for k in values if k not in named]
-    if unknown:
-        raise ValueError(f"MAP cache: tensors {unknown[:3]} are not in the model; delete the stale cache entry.")
-    for k, v in values.items():
-        named[k].copy_(v.to(device=named[k].device, dtype=named[k].dtype))
 
 
 def _method_options(cfg: Mapping[str, Any]) -> dict[str, Any]:

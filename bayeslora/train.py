@@ -24,7 +24,7 @@ import contextlib
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -151,6 +151,25 @@ def trainable_parameters(fn: AdapterFn) -> dict[str, torch.nn.Parameter]:
         if p.requires_grad and name not in params:
             params[name] = p
     return params
+
+
+def trained_values(fn: AdapterFn) -> dict[str, torch.Tensor]:
+    """Detached copies of every tensor :func:`train_map` trains (a complete fine-tuned adapter)."""
+    return {n: p.detach().clone() for n, p in trainable_parameters(fn).items()}
+
+
+@torch.no_grad()
+def load_trained(fn: AdapterFn, values: Mapping[str, torch.Tensor], argument: str = "values") -> None:
+    """Copy :func:`trained_values` output back into the model (in place, onto each parameter's device/dtype)."""
+    fn.params.check({k: v for k, v in values.items() if k in fn.params.names}, argument=argument)
+    named = dict(fn.model.named_parameters())
+    unknown = [k for k in values if k not in named]
+    if unknown:
+        raise ValueError(
+            f"{argument}: tensors {unknown[:3]} are not parameters of the model; use values saved from this model."
+        )
+    for k, v in values.items():
+        named[k].copy_(v.to(device=named[k].device, dtype=named[k].dtype))
 
 
 def total_steps(config: TrainConfig, loader: DataLoader) -> int:

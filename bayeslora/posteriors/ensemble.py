@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..function import AdapterFn, model_mode
 from ..predictive import Predictive
-from ..train import TrainConfig, train_map, trainable_parameters
+from ..train import TrainConfig, load_trained, train_map, trained_values
 from . import require_fitted
 
 _NOT_PER_MEMBER = ("seed", "checkpoint_every", "checkpoint_dir")
@@ -60,17 +60,6 @@ def reinitialise(fn: AdapterFn, seed: int) -> None:
                         init_module(sub)
                     elif hasattr(sub, "reset_parameters"):
                         sub.reset_parameters()
-
-
-def _trained_values(fn: AdapterFn) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in trainable_parameters(fn).items()}
-
-
-@torch.no_grad()
-def _load_trained(fn: AdapterFn, values: Mapping[str, torch.Tensor]) -> None:
-    live = dict(fn.model.named_parameters())
-    for n, v in values.items():
-        live[n].copy_(v)
 
 
 class Ensemble:
@@ -140,17 +129,17 @@ class Ensemble:
 
     def fit(self, fn: AdapterFn, loader, *, val_loader=None) -> Ensemble:
         """Train the K members one after another (``val_loader`` is not used); the live adapter is restored."""
-        original = _trained_values(fn)
+        original = trained_values(fn)
         members, histories = [], []
         try:
             for seed in tqdm(self.seeds, desc="ensemble", disable=not self.progress, leave=False):
                 reinitialise(fn, seed)
                 result = train_map(fn, loader, self.member_config(seed))
-                values = _trained_values(fn)
+                values = trained_values(fn)
                 members.append(values if self.keep_on_device else {n: v.cpu() for n, v in values.items()})
                 histories.append(result.losses)
         finally:
-            _load_trained(fn, original)
+            load_trained(fn, original)
         self.members, self.histories = members, histories
         return self
 
