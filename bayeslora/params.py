@@ -97,7 +97,8 @@ class AdapterParams:
         self.include_head = bool(include_head)
         if isinstance(lora_tensors, str) or not set(lora_tensors) or not set(lora_tensors) <= {"A", "B"}:
             raise ValueError(
-                f"lora_tensors: expected a non-empty subset of ['A', 'B'] (e.g. ['A', 'B'] or ['B']), got {lora_tensors!r}."
+                "lora_tensors: expected a non-empty subset of ['A', 'B'] (e.g. ['A', 'B'] or ['B']), "
+                f"got {lora_tensors!r}."
             )
         self.lora_tensors = sorted(set(lora_tensors))
         self.groups: list[ParamGroup] = self._select()

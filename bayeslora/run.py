@@ -119,7 +119,6 @@ def _fit_map(bl: BayesianLoRA, cfg: Mapping[str, Any], loader, ckpt_dir: Path, c
     return {**info, "cached": False}, ckpt_dir
 
 
-
 def _method_options(cfg: Mapping[str, Any]) -> dict[str, Any]:
     options = {k: v for k, v in dict(cfg["method"]).items() if k != "name"}
     if accepts(cfg["method"]["name"], "prior_precision"):

@@ -59,11 +59,12 @@ def test_unknown_names_give_clear_errors(tmp_path):
 
 
 def test_map_cache_restores_every_trained_tensor_not_only_the_random_ones(tmp_path):
-    """With the head outside the posterior (include_head=false) it is still trained and must come back from the cache."""
+    """With the head outside the posterior (include_head=false) it is still trained and comes back from the cache."""
     extra = ("params.include_head=false",)
     first = run(_cfg(tmp_path, *extra))
     path = tmp_path / "sst2_demo/tiny-bert/map/seed_0/predictions.pt"
     first_preds = torch.load(path, weights_only=True)
     again = run(_cfg(tmp_path, *extra, "force=true"))
     assert first["map"]["cached"] is False and again["map"]["cached"] is True
-    torch.testing.assert_close(torch.load(path, weights_only=True)["test"]["mean_logits"], first_preds["test"]["mean_logits"])
+    stored = torch.load(path, weights_only=True)["test"]["mean_logits"]
+    torch.testing.assert_close(stored, first_preds["test"]["mean_logits"])

@@ -81,7 +81,8 @@ def test_spread_shrinks_with_more_data_and_samples_differ(meanfield_fits):
 
 
 def test_lowrank_guide_recovers_the_full_posterior():
-    vi, fn, batch = fit_toy("lowrank", 16, steps=1000, rank=2)  # the posterior is 2 blocks of 2x2: diag + rank 2 holds it
+    # the posterior is 2 blocks of 2x2: diagonal + rank 2 holds it exactly
+    vi, fn, batch = fit_toy("lowrank", 16, steps=1000, rank=2)
     mean, precision = exact_posterior(fn, batch)
     cov = torch.linalg.inv(precision)
     with vi.param_store():
@@ -161,9 +162,9 @@ def test_param_store_is_local_and_state_dict_round_trips():
     other = Variational("blob", steps=3, progress=False).fit(fn, loader)
     assert len(pyro.get_param_store()) == 0  # nothing leaked into the global store
     with vi.param_store():
-        assert not any(k.startswith("blob.") for k in pyro.get_param_store().keys())
+        assert not any(k.startswith("blob.") for k in pyro.get_param_store())
     with other.param_store():
-        assert all(k.startswith("blob.") for k in pyro.get_param_store().keys())
+        assert all(k.startswith("blob.") for k in pyro.get_param_store())
     state = vi.state_dict()
     fresh = Variational("meanfield", steps=3, progress=False)
     fresh.load_state_dict(state)

@@ -66,8 +66,9 @@ def baseline(setup: Setup, opts) -> dict[str, Any]:
     return {
         "forward": timed(setup, opts, forward),
         "forward_functional": timed(setup, opts, lambda: forward(values)),
-        "train_map_step": timed(setup, opts, lambda: train_map(fn, loader, _train_config(opts, opts.steps)),
-                                 per=opts.steps),  # fmt: skip
+        "train_map_step": timed(
+            setup, opts, lambda: train_map(fn, loader, _train_config(opts, opts.steps)), per=opts.steps
+        ),
     }
 
 

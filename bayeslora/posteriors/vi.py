@@ -33,12 +33,10 @@ never changes the model's parameters. Pyro's param store is private to each post
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Mapping
 from typing import Any
 
-import pyro
 import torch
 from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 from pyro.optim import ClippedAdam
@@ -177,7 +175,9 @@ class Variational:
                          for n, v in init.items()}  # fmt: skip
         prior_loc = {n: v.detach().to(dev, torch.float32).clone() for n, v in prior_loc.items()}
         if self.guide_kind == "lowrank" and self.rank > fn.params.numel:
-            raise ValueError(f"rank: expected at most D={fn.params.numel} (the number of adapter values), got {self.rank}.")
+            raise ValueError(
+                f"rank: expected at most D={fn.params.numel} (the number of adapter values), got {self.rank}."
+            )
         self.model = AdapterModel(fn, prior_loc, self.prior_std, num_data, self.likelihood, self.noise_std)
         scale = min(self.init_scale, self.prior_std)
         self.guide = make_guide(self.guide_kind, self.model, init, scale, self.rank)
@@ -197,7 +197,9 @@ class Variational:
 
     def _check_fn(self, fn: AdapterFn) -> None:
         if fn is not getattr(self, "_fn", None):
-            raise ValueError("fn: this posterior was bound to a different AdapterFn; call fit(fn, loader) or bind(fn, N).")
+            raise ValueError(
+                "fn: this posterior was bound to a different AdapterFn; call fit(fn, loader) or bind(fn, N)."
+            )
 
     # ------------------------------------------------------------------ training
     def step(self, fn: AdapterFn, batch: Mapping[str, torch.Tensor]) -> dict[str, float]:
@@ -262,11 +264,15 @@ class Variational:
             self.guide(batch, 1.0, False)  # autoguides create their parameters lazily on the first call
         params = self._store["params"]
         if set(params) != set(state["guide"]):
-            raise ValueError(f"state: guide parameters {sorted(state['guide'])[:3]}... do not match {sorted(params)[:3]}...")
+            raise ValueError(
+                f"state: guide parameters {sorted(state['guide'])[:3]}... do not match {sorted(params)[:3]}..."
+            )
         with torch.no_grad():
             for k, v in state["guide"].items():
                 if params[k].shape != v.shape:
-                    raise ValueError(f"state['guide'][{k!r}]: expected shape {tuple(params[k].shape)}, got {tuple(v.shape)}.")
+                    raise ValueError(
+                        f"state['guide'][{k!r}]: expected shape {tuple(params[k].shape)}, got {tuple(v.shape)}."
+                    )
                 params[k].copy_(v)
         self.history = {k: list(v) for k, v in state["history"].items()}
         self._num_steps = int(state["num_steps"])
