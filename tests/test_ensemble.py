@@ -47,6 +47,35 @@ def test_members_differ_and_equal_separately_trained_maps():
             torch.testing.assert_close(v, dict(ref.model.named_parameters())[n].detach(), rtol=0, atol=0)
 
 
+def test_include_current_makes_the_held_adapter_member_zero_and_trains_only_the_others(monkeypatch):
+    import bayeslora.posteriors.ensemble as ensemble_module
+
+    ds = TokenDataset(32, seed=1)
+    fn, _ = tiny_fn("bert", r=2, dropout=0.1)
+    train_map(fn, ds.loader(8, shuffle=True), TrainConfig(**TRAIN, seed=10, prior_precision=1.0))  # "the MAP"
+    the_map = {n: p.detach().clone() for n, p in trainable_parameters(fn).items()}
+    calls = []
+    real = ensemble_module.train_map
+    monkeypatch.setattr(ensemble_module, "train_map", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    ens = Ensemble(k=3, train=TRAIN, base_seed=10, prior_precision=1.0, include_current=True, progress=False)
+    assert ens.trains_adapter is False  # bayeslora-run trains / loads the MAP before fit
+    ens.fit(fn, ds.loader(8, shuffle=True))
+    assert len(calls) == 2
+    for n, p in trainable_parameters(fn).items():  # the live adapter is still the MAP
+        assert torch.equal(p, the_map[n]), n
+    for n, v in ens.members[0].items():
+        assert torch.equal(v, the_map[n]), n
+    full = Ensemble(k=3, train=TRAIN, base_seed=10, prior_precision=1.0, progress=False)
+    assert full.trains_adapter is True
+    full.fit(fn, ds.loader(8, shuffle=True))
+    for mine, theirs in zip(ens.members[1:], full.members[1:]):  # members 1, 2: the same seeds, the same values
+        for n in mine:
+            torch.testing.assert_close(mine[n], theirs[n], rtol=0, atol=0)
+    assert ens.histories[0] == [] and all(len(h) == 4 for h in ens.histories[1:])
+    rebuilt = make_posterior("ensemble", **ens.config())
+    assert rebuilt.include_current and rebuilt.seeds == [10, 11, 12]
+
+
 def test_members_hold_the_trainable_tensors_left_out_of_the_selection():
     """A head excluded from AdapterParams is still trained per member, so it belongs to the member."""
     ds = TokenDataset(32, seed=8)

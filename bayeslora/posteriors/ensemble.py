@@ -70,6 +70,12 @@ class Ensemble:
     member's values and finally restores the adapter the model held before ``fit``: the live model is
     unchanged by ``fit`` and ``predict``; the members live only in this object (and its state_dict).
 
+    With ``include_current=True`` the adapter the model holds when ``fit`` is called (a MAP you trained
+    with the first member's seed and the same ``train`` options, e.g. by ``BayesianLoRA.fit_map``) *is* the
+    first member, and only the other K-1 are trained: the ensemble then contains the MAP it is compared
+    against, and a sweep that already has the MAP pays for K-1 trainings (``bayeslora-run`` loads the MAP,
+    from its cache, before ``fit``).
+
     Args:
         k: number of members K.
         train: keyword arguments of :class:`~bayeslora.train.TrainConfig` shared by the members (``seed``
@@ -78,11 +84,11 @@ class Ensemble:
         base_seed: first seed when ``seeds`` is None.
         prior_precision: λ, the coupled L2 of every member (the run's one number; None: ``train``'s).
         keep_on_device: keep the member values on the model's device (else on CPU, moved per call).
+        include_current: the adapter held at ``fit`` time is member 0 (seed ``seeds[0]``, not re-trained).
         progress: progress bars (over members, and each member's ``train_map`` unless ``train`` says).
     """
 
     name = "ensemble"
-    trains_adapter = True
 
     def __init__(
         self,
@@ -92,6 +98,7 @@ class Ensemble:
         base_seed: int = 0,
         prior_precision: float | None = None,
         keep_on_device: bool = True,
+        include_current: bool = False,
         progress: bool = True,
     ):
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -115,9 +122,15 @@ class Ensemble:
         self.base_seed = int(base_seed)
         self.prior_precision = prior_precision
         self.keep_on_device = bool(keep_on_device)
+        self.include_current = bool(include_current)
         self.progress = bool(progress)
         self.members: list[dict[str, torch.Tensor]] | None = None
         self.histories: list[list[float]] = []
+
+    @property
+    def trains_adapter(self) -> bool:
+        """True: ``fit`` trains every member itself; False: it needs the trained adapter (member 0) first."""
+        return not self.include_current
 
     def member_config(self, seed: int) -> TrainConfig:
         """The :class:`TrainConfig` of the member with ``seed``."""
@@ -131,8 +144,11 @@ class Ensemble:
         """Train the K members one after another (``val_loader`` is not used); the live adapter is restored."""
         original = trained_values(fn)
         members, histories = [], []
+        if self.include_current:
+            members.append(original if self.keep_on_device else {n: v.cpu() for n, v in original.items()})
+            histories.append([])
         try:
-            for seed in tqdm(self.seeds, desc="ensemble", disable=not self.progress, leave=False):
+            for seed in tqdm(self.seeds[len(members) :], desc="ensemble", disable=not self.progress, leave=False):
                 reinitialise(fn, seed)
                 result = train_map(fn, loader, self.member_config(seed))
                 values = trained_values(fn)
@@ -164,6 +180,7 @@ class Ensemble:
             "base_seed": self.base_seed,
             "prior_precision": self.prior_precision,
             "keep_on_device": self.keep_on_device,
+            "include_current": self.include_current,
             "progress": self.progress,
         }
 
