@@ -46,7 +46,16 @@ from ..function import AdapterFn, model_mode
 from ..predictive import Predictive
 from ..train import dataset_size, seeded
 from . import require_fitted
-from .vi_guides import GUIDES, LIKELIHOODS, AdapterModel, local_param_store, make_guide, positive, scaled_guide
+from .vi_guides import (
+    GUIDES,
+    LIKELIHOODS,
+    AdapterModel,
+    is_spread_param,
+    local_param_store,
+    make_guide,
+    positive,
+    scaled_guide,
+)
 
 ELBOS = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO}
 NAMES = {"meanfield": "vi_meanfield", "lowrank": "vi_lowrank", "blob": "vi_blob"}
@@ -61,6 +70,11 @@ class Variational:
         steps: SVI steps (None: ``epochs`` passes over the loader).
         epochs: passes over the loader when ``steps`` is None (may be fractional).
         lr: ClippedAdam learning rate (decays geometrically to 10% over the fit).
+        scale_lr: learning rate of the guide's spread parameters (AutoNormal scales, the low-rank guide's
+            scale and covariance factor, BLoB's G), None: ``lr``. Adam moves a parameter by about its
+            learning rate per step, so a fit of a few hundred steps at ``lr=1e-3`` leaves σ near
+            ``init_scale`` (a post-hoc fit from the MAP then predicts like the MAP); a larger ``scale_lr``
+            lets σ reach the ELBO's optimum without shaking the means off the MAP.
         num_particles: samples of θ per step.
         elbo: ``"trace"`` (Trace_ELBO) | ``"meanfield"`` (TraceMeanField_ELBO, analytic KL where possible) |
             None (``"meanfield"`` for the blob guide, ``"trace"`` otherwise).
@@ -88,6 +102,7 @@ class Variational:
         steps: int | None = None,
         epochs: float = 1.0,
         lr: float = 1e-3,
+        scale_lr: float | None = None,
         num_particles: int = 1,
         elbo: str | None = None,
         kl_weight: float = 1.0,
@@ -127,12 +142,15 @@ class Variational:
         for name, value in (("lr", lr), ("kl_weight", kl_weight), ("init_scale", init_scale),
                             ("prior_precision", prior_precision), ("noise_std", noise_std)):  # fmt: skip
             positive(name, value)
+        if scale_lr is not None:
+            positive("scale_lr", scale_lr)
         if not isinstance(kl_warmup_steps, int) or kl_warmup_steps < 0:
             raise ValueError(f"kl_warmup_steps: expected an integer >= 0, got {kl_warmup_steps!r}.")
         if not isinstance(n_samples, int) or n_samples < 0:
             raise ValueError(f"n_samples: expected an integer >= 0 (0: posterior mean), got {n_samples!r}.")
         self.guide_kind, self.name = guide, NAMES[guide]
         self.steps, self.epochs, self.lr, self.num_particles = steps, float(epochs), float(lr), int(num_particles)
+        self.scale_lr = float(scale_lr) if scale_lr is not None else None
         self.elbo, self.kl_weight, self.kl_warmup_steps = elbo, float(kl_weight), int(kl_warmup_steps)
         self.rank = int(rank) if rank is not None else None
         self.init_scale, self.prior_precision, self.prior_mean = float(init_scale), float(prior_precision), prior_mean
@@ -182,13 +200,20 @@ class Variational:
         scale = min(self.init_scale, self.prior_std)
         self.guide = make_guide(self.guide_kind, self.model, init, scale, self.rank)
         lrd = FINAL_LR_FRACTION ** (1.0 / total_steps) if total_steps else 1.0
-        optim = ClippedAdam({"lr": self.lr, "lrd": lrd, "clip_norm": 10.0})
+        optim = ClippedAdam(self._optim_args(lrd))
         loss = ELBOS[self.elbo](num_particles=self.num_particles)
         self._svi = SVI(self.model, scaled_guide(self.guide, num_data), optim, loss)
         self._store = {"params": {}, "constraints": {}}
         self._fn, self._pending, self._num_steps = fn, None, 0
         self.history = {"loss": [], "nll": [], "kl": [], "kl_weight": []}
         return self
+
+    def _optim_args(self, lrd: float):
+        base = {"lr": self.lr, "lrd": lrd, "clip_norm": 10.0}
+        if self.scale_lr is None:
+            return base
+        spread = {**base, "lr": self.scale_lr}
+        return lambda name: spread if is_spread_param(name) else base
 
     def _beta(self) -> float:
         if not self.kl_warmup_steps:

@@ -163,6 +163,13 @@ class BlobGuide:
         return {site: self.loc(site).detach() for site in self.sites.values()}
 
 
+def is_spread_param(name: str) -> bool:
+    """True for a guide parameter that sets the posterior's spread, not its location: AutoNormal's
+    ``scales``, the low-rank guide's ``scale`` and ``cov_factor``, BLoB's ``g`` (σ = G²)."""
+    parts = name.split(".")
+    return bool({"scales", "scale", "cov_factor"} & set(parts[1:2])) or name.startswith("blob.g.")
+
+
 def make_guide(kind: str, model: AdapterModel, init: Mapping[str, torch.Tensor], init_scale: float, rank: int):
     """Build the guide ``kind`` for ``model``, initialised at ``init`` (values by parameter name)."""
     init_sites = {model.sites[n]: v.detach().clone().float() for n, v in init.items()}
