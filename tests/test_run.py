@@ -56,7 +56,10 @@ def test_ensemble_run_reuses_the_cached_map_as_its_first_member(tmp_path):
     one = run(_cfg(tmp_path, "method=ensemble", "method.k=1", "method_label=ens1"))
     two = run(_cfg(tmp_path, "method=ensemble", "method.k=2", "method_label=ens2"))
     assert first["map"]["cached"] is False and one["map"]["cached"] is True and two["map"]["cached"] is True
-    load = lambda label: torch.load(tmp_path / f"sst2_demo/tiny-bert/{label}/seed_0/predictions.pt", weights_only=True)
+
+    def load(label):
+        return torch.load(tmp_path / f"sst2_demo/tiny-bert/{label}/seed_0/predictions.pt", weights_only=True)
+
     map_test, one_test, two_test = (load(label)["test"] for label in ("map", "ens1", "ens2"))
     torch.testing.assert_close(one_test["log_probs"], map_test["log_probs"])  # k=1: the cached MAP itself
     assert not torch.allclose(two_test["log_probs"], map_test["log_probs"])  # k=2: the MAP and a trained member
