@@ -171,18 +171,25 @@ def _best(table, metric: str, methods: Sequence[str], data: str) -> str | None:
     return (max if higher else min)(cands)[1]
 
 
-def _fmt(cell: Cell, scale: float, digits: int) -> str:
+def _fmt(cell: Cell, scale: float, digits: int, max_n: int = 1) -> str:
+    """``mean ± std``; a cell with fewer seeds than the fullest cell of the table says how many it has."""
     if not cell.values:
         return "–"
     s = f"{cell.mean * scale:.{digits}f}"
     if len(cell.values) > 1:
         s += f" ± {cell.std * scale:.{digits}f}"
+    if len(cell.values) < max_n:
+        s += f" (n={len(cell.values)})"
     return s
+
+
+def _max_n(table) -> int:
+    return max((len(c.values) for mt in table.values() for row in mt.values() for c in row.values()), default=1)
 
 
 def markdown(table, methods, datasets, metrics: Sequence[str]) -> str:
     """Markdown tables, one block per metric."""
-    out = []
+    out, max_n = [], _max_n(table)
     for metric in metrics:
         header, scale, _ = METRICS[metric]
         digits = 1 if scale == 100.0 else 3
@@ -194,7 +201,7 @@ def markdown(table, methods, datasets, metrics: Sequence[str]) -> str:
             cells = []
             for d in datasets:
                 cell = table[metric][m][d]
-                s = _fmt(cell, scale, digits)
+                s = _fmt(cell, scale, digits, max_n)
                 if cell.values and best[d] == m:
                     s = f"**{s}**"
                 if cell.chance:
@@ -204,6 +211,8 @@ def markdown(table, methods, datasets, metrics: Sequence[str]) -> str:
         out.append("")
     if any(c.chance for mt in table.values() for row in mt.values() for c in row.values()):
         out.append("† accuracy not above chance (within 2 binomial s.e. of 1/C).")
+    if any(0 < len(c.values) < max_n for mt in table.values() for row in mt.values() for c in row.values()):
+        out.append(f"(n=k): mean over k seeds only (the other cells: {max_n}).")
     return "\n".join(out) + "\n"
 
 
@@ -214,6 +223,7 @@ def _tex(s: str) -> str:
 def latex(table, methods, datasets, metrics: Sequence[str]) -> str:
     """A booktabs LaTeX table with one block of rows per metric."""
     cols = "l" + "c" * len(datasets)
+    max_n = _max_n(table)
     lines = [r"\begin{tabular}{" + cols + "}", r"\toprule", "Method & " + " & ".join(map(_tex, datasets)) + r" \\"]
     for metric in metrics:
         header, scale, _ = METRICS[metric]
@@ -225,7 +235,7 @@ def latex(table, methods, datasets, metrics: Sequence[str]) -> str:
             cells = []
             for d in datasets:
                 cell = table[metric][m][d]
-                s = _fmt(cell, scale, digits).replace("±", r"$\pm$").replace("–", "--")
+                s = _fmt(cell, scale, digits, max_n).replace("±", r"$\pm$").replace("–", "--")
                 if cell.values and best[d] == m:
                     s = rf"\textbf{{{s}}}"
                 if cell.chance:

@@ -46,6 +46,7 @@ def test_aggregate_mean_std_best_and_chance(tmp_path):
     md = make_tables(tmp_path)["md"]
     assert "| kfac | – | 82.0 ± 0.0 |" in md
     assert "**5.0 ± 1.4**" in md and "†" in md  # best ECE on rte is kfac's; arc is at chance
+    assert "| map | **26.0 (n=1)** † |" in md and "(n=k): mean over k seeds only (the other cells: 2)." in md
     texts = make_tables(tmp_path, tmp_path / "out", ts_rows=True)
     assert "| kfac + TS | – | **2.5 ± 0.7** |" in texts["md"]
     assert "\\textbf{" in texts["tex"] and "\\toprule" in texts["tex"]
