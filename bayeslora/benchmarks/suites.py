@@ -154,7 +154,7 @@ def _vi_method(setup: Setup, opts, method: str) -> dict[str, Any]:
     fitted = {}
 
     def fit():
-        fitted["p"] = make_posterior(method, **kwargs).fit(fn, loader)
+        fitted["p"] = make_posterior(method, progress=False, **kwargs).fit(fn, loader)
 
     entry: dict[str, Any] = {"options": kwargs, "fit_step": timed(setup, opts, fit, per=opts.steps)}
     entry["fit_step"]["unit"] = f"{step_kw}={opts.steps}" if step_kw else f"one fit over {opts.steps} batches"
