@@ -13,7 +13,7 @@ SAMPLES=${SAMPLES:-8}   # predictive samples of VI and MC dropout in this CPU st
 sweep() { nice -n 10 "${RUN[@]}" -m experiment=minilm_calibration "$@"; }
 sweep method=map,temperature,kfac_laplace "$@"
 sweep method=kfac_laplace method.prior_fit=val_nll method_label=kfac_laplace_val "$@"
-sweep method=vi_blob,vi_meanfield "++method.n_samples=$SAMPLES" "$@"  # ++: the primary config (method=map) has no n_samples
+sweep method=vi_blob,vi_meanfield,vi_lowrank "++method.n_samples=$SAMPLES" "$@"  # ++: the primary config (method=map) has no n_samples
 if [ "$ENSEMBLE_K" -gt 0 ]; then
   sweep method=ensemble "method.k=$ENSEMBLE_K" "$@"
 fi
@@ -22,4 +22,4 @@ sweep method=mc_dropout "method.n_samples=$SAMPLES" "$@"
 "${TABLES[@]}" results/minilm_calibration --model minilm --out paper/tables --name minilm_calibration --figures \
   --columns rte boolq sst2 \
   --rows map temperature mc_dropout checkpoint_ensemble ensemble last_layer_laplace kfac_laplace kfac_laplace_val \
-  vi_meanfield vi_blob
+  vi_meanfield vi_lowrank vi_blob
