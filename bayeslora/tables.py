@@ -183,8 +183,12 @@ def _fmt(cell: Cell, scale: float, digits: int, max_n: int = 1) -> str:
     return s
 
 
+def _cells(table) -> Iterable[Cell]:
+    return (c for mt in table.values() for row in mt.values() for c in row.values())
+
+
 def _max_n(table) -> int:
-    return max((len(c.values) for mt in table.values() for row in mt.values() for c in row.values()), default=1)
+    return max((len(c.values) for c in _cells(table)), default=1)
 
 
 def markdown(table, methods, datasets, metrics: Sequence[str]) -> str:
@@ -209,9 +213,9 @@ def markdown(table, methods, datasets, metrics: Sequence[str]) -> str:
                 cells.append(s)
             out.append(f"| {m} | " + " | ".join(cells) + " |")
         out.append("")
-    if any(c.chance for mt in table.values() for row in mt.values() for c in row.values()):
+    if any(c.chance for c in _cells(table)):
         out.append("† accuracy not above chance (within 2 binomial s.e. of 1/C).")
-    if any(0 < len(c.values) < max_n for mt in table.values() for row in mt.values() for c in row.values()):
+    if any(0 < len(c.values) < max_n for c in _cells(table)):
         out.append(f"(n=k): mean over k seeds only (the other cells: {max_n}).")
     return "\n".join(out) + "\n"
 

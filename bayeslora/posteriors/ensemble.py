@@ -145,19 +145,22 @@ class Ensemble:
         original = trained_values(fn)
         members, histories = [], []
         if self.include_current:
-            members.append(original if self.keep_on_device else {n: v.cpu() for n, v in original.items()})
+            members.append(self._kept(original))
             histories.append([])
         try:
             for seed in tqdm(self.seeds[len(members) :], desc="ensemble", disable=not self.progress, leave=False):
                 reinitialise(fn, seed)
                 result = train_map(fn, loader, self.member_config(seed))
-                values = trained_values(fn)
-                members.append(values if self.keep_on_device else {n: v.cpu() for n, v in values.items()})
+                members.append(self._kept(trained_values(fn)))
                 histories.append(result.losses)
         finally:
             load_trained(fn, original)
         self.members, self.histories = members, histories
         return self
+
+    def _kept(self, values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A member's values where they are kept: the model's device or (``keep_on_device=False``) the CPU."""
+        return values if self.keep_on_device else {n: v.cpu() for n, v in values.items()}
 
     @torch.no_grad()
     def predict(self, fn: AdapterFn, batch, *, n_samples: int | None = None, generator=None) -> Predictive:

@@ -166,8 +166,8 @@ class BlobGuide:
 def is_spread_param(name: str) -> bool:
     """True for a guide parameter that sets the posterior's spread, not its location: AutoNormal's
     ``scales``, the low-rank guide's ``scale`` and ``cov_factor``, BLoB's ``g`` (σ = G²)."""
-    parts = name.split(".")
-    return bool({"scales", "scale", "cov_factor"} & set(parts[1:2])) or name.startswith("blob.g.")
+    parts = name.split(".")  # "<Guide>.<param>[.<site>]", e.g. "AutoNormal.scales.<site>"
+    return (len(parts) > 1 and parts[1] in {"scales", "scale", "cov_factor"}) or name.startswith("blob.g.")
 
 
 def make_guide(kind: str, model: AdapterModel, init: Mapping[str, torch.Tensor], init_scale: float, rank: int):
