@@ -18,7 +18,7 @@ import math
 import os
 import re
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from .io import load_torch
@@ -101,18 +101,21 @@ def make_figures(
     ts_rows: bool = False,
     layout: str = "datasets",
     prefix: str = "table",
+    columns: Sequence[str] | None = None,
 ) -> list[Path]:
-    """Write the reliability and risk–coverage figures of a results directory; returns the written paths."""
+    """Write the reliability and risk–coverage figures of a results directory; returns the written paths.
+
+    ``columns``: only the figures of these table columns (datasets, or OOD sets in the ``ood`` layout)."""
     runs = select(collect(results_dir), model=model, data=data, where=str(results_dir))
     groups: dict[str, list[dict]] = defaultdict(list)
     for run in runs:
         groups[run["data"]].append(run)
     written = []
     for name, group in groups.items():
-        keys = [(split, name)]
+        keys = [(split, name)] if layout == "ood" or columns is None or name in columns else []
         if layout == "ood":
             shifted = sorted({k for r in group for k in (r.get("ood") or {}) if not k.endswith("_ts")})
-            keys += [(f"ood/{s}", f"{name}_to_{s}") for s in shifted]
+            keys += [(f"ood/{s}", f"{name}_to_{s}") for s in shifted if columns is None or s in columns]
         for key, tag in keys:
             preds, seed = _seed_predictions(group, key, ts_rows)
             if not preds:

@@ -285,7 +285,8 @@ def make_tables(
 
     ``metrics`` defaults to the layout's blocks (:data:`LAYOUTS`); ``model`` / ``data`` keep only the runs of
     one model / training dataset (a table mixes no models: with several, ``model`` is required). ``rows`` /
-    ``columns`` put those method labels / column names first, in that order (the others follow as found).
+    ``columns`` keep only those method labels (each with its ``+ TS`` row) / column names, in that order (a
+    listed one without runs is left out; None: all, as found).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout: expected one of {list(LAYOUTS)}, got {layout!r}.")
@@ -302,7 +303,8 @@ def make_tables(
     if not methods:
         what = "OOD metrics (eval.ood)" if layout == "ood" else f"metrics for split {split!r}"
         raise ValueError(f"split: no run has {what}; expected e.g. split='test', or runs made with eval.ood.")
-    methods, datasets = _ordered(methods, rows), _ordered(datasets, columns)
+    methods = _chosen(methods, rows, "rows", base=lambda m: m.removesuffix(" + TS"))
+    datasets = _chosen(datasets, columns, "columns")
     texts = {
         "md": markdown(table, methods, datasets, metrics),
         "tex": latex(table, methods, datasets, metrics),
@@ -314,9 +316,14 @@ def make_tables(
     return texts
 
 
-def _ordered(found: list[str], first: Sequence[str] | None) -> list[str]:
-    first = [x for x in (first or []) if x in found]
-    return first + [x for x in found if x not in first]
+def _chosen(found: list[str], wanted: Sequence[str] | None, what: str, base=lambda x: x) -> list[str]:
+    """The ``found`` entries whose ``base`` is in ``wanted``, in the order of ``wanted`` (None: all of them)."""
+    if wanted is None:
+        return found
+    chosen = [x for w in wanted for x in found if base(x) == w]
+    if not chosen:
+        raise ValueError(f"{what}: none of {list(wanted)} has runs here; expected some of {found}.")
+    return chosen
 
 
 def select(runs: list[dict], *, model: str | None, data: str | None, where: str) -> list[dict]:
@@ -345,8 +352,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--ece-bins", type=int, default=None, help="recompute ECE from predictions.pt with N bins")
     ap.add_argument("--model", default=None, help="only runs of this model")
     ap.add_argument("--data", default=None, help="only runs trained on this dataset")
-    ap.add_argument("--rows", nargs="+", default=None, help="method labels to list first, in this order")
-    ap.add_argument("--columns", nargs="+", default=None, help="columns (datasets / OOD sets) first, in this order")
+    ap.add_argument("--rows", nargs="+", default=None, help="only these method labels (+ TS rows too), in order")
+    ap.add_argument("--columns", nargs="+", default=None, help="only these columns (datasets / OOD sets), in order")
     ap.add_argument("--figures", action="store_true", help="also write reliability / risk-coverage figures to --out")
     args = ap.parse_args(argv)
     if args.figures and args.out is None:
@@ -378,6 +385,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             ts_rows=args.ts,
             layout=args.layout,
             prefix=args.name,
+            columns=args.columns,
         ):
             print(f"figure: {path}")
 

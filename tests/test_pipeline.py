@@ -40,14 +40,20 @@ def _tables(root):
 
 def test_cpu_pipeline_produces_tables_and_figures(reference, tmp_path):
     assert sorted(str(r["_dir"])[len(str(reference)) + 1 :] for r in collect(reference)) == sorted(RUNS)
-    texts = make_tables(reference, tmp_path, ts_rows=True, name="cpu_pipeline", rows=["temperature"])
+    texts = make_tables(reference, tmp_path, ts_rows=True, name="cpu_pipeline", rows=["temperature", "map"])
     md = texts["md"]
     for block in ("ACC (%) ↑", "ECE (%) ↓", "NLL ↓", "Brier ↓"):
         assert f"**{block}**" in md
     assert "| method | rte | sst2 |" in md  # columns as found (sorted paths) unless ordered
     assert "| method | sst2 | rte |" in make_tables(reference, columns=["sst2", "rte"])["md"]
     rows = [line.split(" | ")[0][2:] for line in md.split("**ACC (%) ↑**")[1].split("\n\n")[1].splitlines()[2:]]
-    assert rows == ["temperature", "map", "map + TS", "temperature + TS"]
+    assert rows == ["temperature", "temperature + TS", "map", "map + TS"]  # listed order, each with its + TS row
+    # rows / columns select: one shared results store can feed several tables
+    only = make_tables(reference, ts_rows=True, rows=["map", "vi_blob"], columns=["rte", "boolq"])
+    assert "| method | rte |" in only["md"] and "sst2" not in only["md"] and "temperature" not in only["md"]
+    assert only["csv"].count("\n") == 1 + 2 * 1 * 4  # map, map + TS x rte x 4 metrics
+    with pytest.raises(ValueError, match="columns: none of"):
+        make_tables(reference, columns=["boolq"])
     assert " ± " in md  # two seeds: mean ± std
     assert texts["csv"].count("\n") == 1 + 4 * 2 * 4  # header + rows x datasets x metrics
     assert (tmp_path / "cpu_pipeline.tex").read_text().startswith("\\begin{tabular}{lcc}")
@@ -56,6 +62,8 @@ def test_cpu_pipeline_produces_tables_and_figures(reference, tmp_path):
         f"cpu_pipeline_{kind}_{d}.png" for kind in ("reliability", "risk_coverage") for d in DATA
     )
     assert all(p.stat().st_size > 5000 for p in figures)
+    only = make_figures(reference, tmp_path / "rte", prefix="cpu_pipeline", columns=["rte"])
+    assert sorted(p.name for p in only) == [f"cpu_pipeline_{k}_rte.png" for k in ("reliability", "risk_coverage")]
 
 
 def _sweep(results_dir, data_root):
