@@ -24,7 +24,7 @@ from pathlib import Path
 from .io import load_torch
 from .metrics import ECE_BINS, Predictions, ece
 from .plots import _pyplot, _save, reliability_bins, risk_coverage_plot
-from .tables import collect, select
+from .tables import collect, row_variants, select
 
 
 def reliability_grid(
@@ -83,9 +83,10 @@ def _seed_predictions(runs: list[dict], key: str, ts_rows: bool) -> tuple[dict[s
         return {}, None
     seed = min(common)
     out: dict[str, Predictions] = {}
-    for label, seeds in by_label.items():
-        preds = load_torch(Path(seeds[seed]["_dir"]) / "predictions.pt")
-        for suffix, name in [("", label), *([("_ts", f"{label} + TS")] if ts_rows else [])]:
+    for seeds in by_label.values():
+        run = seeds[seed]
+        preds = load_torch(Path(run["_dir"]) / "predictions.pt")
+        for name, suffix in row_variants(run, ts_rows):
             if key + suffix in preds:
                 out[name] = Predictions.from_state_dict(preds[key + suffix])
     return out, seed

@@ -39,6 +39,7 @@ from .ood import ood_report, predict_ood, temperature_scaled
 from .posteriors import accepts
 from .posteriors.baselines import fit_temperature
 from .sweep import file_lock, remove_stale_temporaries, run_device
+from .tables import TS_SUFFIX
 from .train import TrainConfig, TrainResult, load_trained, trained_values
 from .wrapper import BayesianLoRA
 
@@ -259,7 +260,7 @@ def _execute(cfg: dict[str, Any], run_dir: Path, metrics_path: Path) -> dict[str
 
         shown = {cfg["method_label"]: preds[main_split]}
         if f"{main_split}_ts" in preds:
-            shown[f"{cfg['method_label']} + TS"] = preds[f"{main_split}_ts"]
+            shown[cfg["method_label"] + TS_SUFFIX] = preds[f"{main_split}_ts"]
         title = f"{dcfg['name']} / {mcfg['name']} / {main_split} (seed {seed})"
         result["reliability_diagram"] = str(reliability_diagram(shown, run_dir / "reliability.png", title=title))
     timings["total_s"] = time.perf_counter() - t0

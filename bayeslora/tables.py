@@ -38,6 +38,7 @@ METRICS = {  # name -> (header, scale, higher is better)
     "auroc_entropy": ("OOD AUROC, entropy (%) ↑", 100.0, True),
     "auroc_mi": ("OOD AUROC, MI (%) ↑", 100.0, True),
 }
+TS_SUFFIX = " + TS"  # a method's temperature-scaled row is labelled f"{label}{TS_SUFFIX}"
 LAYOUTS = {  # layout -> default metric blocks
     "datasets": ("acc", "ece", "nll", "brier"),
     "ood": ("acc", "ece", "nll", "auroc_entropy", "auroc_mi"),
@@ -100,9 +101,9 @@ def _above_chance(acc: Cell, num_classes: int | None, n: int | None) -> bool:
     return acc.mean > p + 2 * math.sqrt(p * (1 - p) / n)
 
 
-def _variants(run: dict, ts_rows: bool) -> list[tuple[str, str]]:
+def row_variants(run: dict, ts_rows: bool) -> list[tuple[str, str]]:
     """(row label, key suffix): the method's own row and, with ``ts_rows``, its temperature-scaled row."""
-    return [(run["method_label"], ""), *([(f"{run['method_label']} + TS", "_ts")] if ts_rows else [])]
+    return [(run["method_label"], ""), *([(run["method_label"] + TS_SUFFIX, "_ts")] if ts_rows else [])]
 
 
 def _entries(runs: Iterable[dict], split: str, ts_rows: bool, ece_bins: int | None, layout: str):
@@ -111,7 +112,7 @@ def _entries(runs: Iterable[dict], split: str, ts_rows: bool, ece_bins: int | No
         c, n = run.get("num_classes"), run.get(f"num_{split}", run.get("num_test"))
         if layout == "ood" and not run.get("ood"):
             continue
-        for label, suffix in _variants(run, ts_rows):
+        for label, suffix in row_variants(run, ts_rows):
             m = run_metrics(run, split + suffix, ece_bins)
             if m is not None:
                 yield label, run["data"] + (" (ID)" if layout == "ood" else ""), m, c, n
@@ -303,7 +304,7 @@ def make_tables(
     if not methods:
         what = "OOD metrics (eval.ood)" if layout == "ood" else f"metrics for split {split!r}"
         raise ValueError(f"split: no run has {what}; expected e.g. split='test', or runs made with eval.ood.")
-    methods = _chosen(methods, rows, "rows", base=lambda m: m.removesuffix(" + TS"))
+    methods = _chosen(methods, rows, "rows", base=lambda m: m.removesuffix(TS_SUFFIX))
     datasets = _chosen(datasets, columns, "columns")
     texts = {
         "md": markdown(table, methods, datasets, metrics),
