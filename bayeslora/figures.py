@@ -24,7 +24,7 @@ from pathlib import Path
 from .io import load_torch
 from .metrics import ECE_BINS, Predictions, ece
 from .plots import _pyplot, _save, reliability_bins, risk_coverage_plot
-from .tables import collect, row_variants, select
+from .tables import collect, row_label, row_variants, select
 
 
 def reliability_grid(
@@ -77,7 +77,7 @@ def _seed_predictions(runs: list[dict], key: str, ts_rows: bool) -> tuple[dict[s
     """``{method label: Predictions}`` of split ``key`` for the lowest seed common to all methods."""
     by_label: dict[str, dict[int, dict]] = defaultdict(dict)
     for run in runs:
-        by_label[run["method_label"]][int(run["seed"])] = run
+        by_label[row_label(run)][int(run["seed"])] = run
     common = set.intersection(*(set(seeds) for seeds in by_label.values())) if by_label else set()
     if not common:
         return {}, None

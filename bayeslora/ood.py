@@ -23,16 +23,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from .calibration import temperature_scaled
 from .data import build_task, make_loader
 from .metrics import ECE_BINS, Predictions, ood_auroc
-from .predictive import Predictive
 
 ENTRY_KEYS = ("task", "root", "max_length", "max_eval", "options")
-
-
-def temperature_scaled(preds: Predictions, temperature: float) -> Predictions:
-    """Point predictions from the mean logits divided by ``temperature`` (Guo et al., 2017)."""
-    return Predictions.from_predictive(Predictive.point(preds.mean_logits / temperature), preds.labels)
 
 
 def ood_metrics(in_dist: Predictions, shifted: Predictions, n_bins: int = ECE_BINS) -> dict[str, float]:
@@ -56,6 +51,7 @@ def ood_metrics(in_dist: Predictions, shifted: Predictions, n_bins: int = ECE_BI
         "auroc_entropy": ood_auroc(in_dist.entropy, shifted.entropy),
         "auroc_mi": ood_auroc(in_dist.mutual_information, shifted.mutual_information),
         "n": int(shifted.labels.numel()),
+        "label_counts": shifted.labels.bincount(minlength=shifted.log_probs.shape[-1]).tolist(),
     }
 
 

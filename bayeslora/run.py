@@ -21,7 +21,6 @@ Parallel sweeps (joblib launcher): with ``device=auto`` and several GPUs each ru
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -31,13 +30,14 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from .calibration import fit_temperature, temperature_scaled
 from .data import build_task, make_loader
 from .io import load_torch, save_json, save_torch
 from .metrics import Predictions
 from .models import LoraSpec, add_lora, load_model, load_tokenizer, locate
-from .ood import ood_report, predict_ood, temperature_scaled
+from .ood import ood_report, predict_ood
 from .posteriors import accepts
-from .posteriors.baselines import fit_temperature
+from .results import digest, identity_mismatch, map_identity, run_id, run_identity, setting_id
 from .sweep import file_lock, remove_stale_temporaries, run_device
 from .tables import TS_SUFFIX
 from .train import TrainConfig, TrainResult, load_trained, trained_values
@@ -60,6 +60,9 @@ def compose(overrides: list[str] | None = None) -> DictConfig:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
+    from .hydra_store import register
+
+    register()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=list(overrides or []), return_hydra_config=False)
 
@@ -69,12 +72,8 @@ def _plain(cfg: Any) -> Any:
 
 
 def _map_key(cfg: Mapping[str, Any]) -> str:
-    parts = {k: cfg[k] for k in ("model", "lora", "data", "train", "seed", "prior_precision", "params", "dtype")}
-    params = dict(parts["params"] or {})
-    if sorted(params.get("lora_tensors") or ["A", "B"]) == ["A", "B"]:  # the default: keys of older caches hold
-        params.pop("lora_tensors", None)
-    parts["params"] = params
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """The MAP cache key: a hash of every setting that changes the MAP adapter (:func:`results.map_identity`)."""
+    return digest(map_identity(cfg), 16)
 
 
 def _train_config(cfg: Mapping[str, Any], checkpoint_dir: Path, steps_per_epoch: int) -> TrainConfig:
@@ -130,21 +129,29 @@ def _method_options(cfg: Mapping[str, Any]) -> dict[str, Any]:
 def run(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     """Run one experiment; returns the metrics dict written to ``metrics.json``.
 
-    Skips (and returns the stored metrics) when the run directory already holds ``metrics.json``
-    unless ``force`` is set, so an interrupted sweep resumes without duplicating work; temporary files
-    an interrupted attempt left in the run directory are removed first.
+    The whole run holds a lock on its run directory, so two processes given the same run wait for each other
+    instead of racing. A run directory that already holds ``metrics.json`` is reused (its stored record is
+    returned with ``"skipped"`` saying why) only when the stored identity equals this config's
+    (:mod:`bayeslora.results`); a different identity is an error naming the differing keys. ``force=true``
+    recomputes. Temporary files an interrupted attempt left in the run directory are removed first.
     """
     cfg = _plain(cfg)
     run_dir = Path(cfg["run_dir"])
     metrics_path = run_dir / "metrics.json"
-    if metrics_path.is_file() and not cfg.get("force", False):
-        return json.loads(metrics_path.read_text())
-    remove_stale_temporaries(run_dir, run_dir / "checkpoints")
-    with run_device(cfg["device"], int(cfg.get("gpu_slots") or 1)) as device:
-        return _execute({**cfg, "device": device}, run_dir, metrics_path)
+    identity = run_identity(cfg)
+    with file_lock(run_dir / ".run.lock"):
+        if metrics_path.is_file() and not cfg.get("force", False):
+            stored = json.loads(metrics_path.read_text())
+            problem = identity_mismatch(str(run_dir), stored.get("identity"), identity)
+            if problem:
+                raise ValueError(problem)
+            return {**stored, "skipped": f"complete run with the same identity (run_id {stored['run_id']}) found"}
+        remove_stale_temporaries(run_dir, run_dir / "checkpoints")
+        with run_device(cfg["device"], int(cfg.get("gpu_slots") or 1)) as device:
+            return _execute({**cfg, "device": device}, run_dir, metrics_path, identity)
 
 
-def _execute(cfg: dict[str, Any], run_dir: Path, metrics_path: Path) -> dict[str, Any]:
+def _execute(cfg: dict[str, Any], run_dir: Path, metrics_path: Path, identity: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     seed = int(cfg["seed"])
     mcfg, dcfg = cfg["model"], cfg["data"]
@@ -240,9 +247,10 @@ def _execute(cfg: dict[str, Any], run_dir: Path, metrics_path: Path) -> dict[str
         "data_info": task.info,
         "map": map_info,
         "splits": {s: p.metrics() for s, p in preds.items()},
+        "label_counts": {s: p.labels.bincount(minlength=task.num_classes).tolist() for s, p in preds.items()},
     }
-    if cfg["eval"]["temperature_row"]:
-        temp = fit_temperature(preds["validation"].mean_logits, preds["validation"].labels)
+    if cfg["eval"]["temperature_row"]:  # T scales the method's model-average log-probabilities: its argmax stays
+        temp = fit_temperature(preds["validation"].log_probs, preds["validation"].labels, where="eval.temperature_row")
         result["temperature"] = temp
         for split in splits:
             scaled = temperature_scaled(preds[split], temp)
@@ -268,8 +276,21 @@ def _execute(cfg: dict[str, Any], run_dir: Path, metrics_path: Path) -> dict[str
     result["device"] = str(bl.fn.device)
     result["run_dir"] = str(run_dir)
     result["config"] = cfg
+    result["identity"] = identity
+    result["run_id"] = run_id(identity)
+    result["setting_id"] = setting_id(identity)
+    result["bayeslora_version"] = _version()
     save_json(result, metrics_path)
     return result
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("bayeslora")
+    except PackageNotFoundError:  # pragma: no cover - running from a plain checkout
+        return "unknown"
 
 
 def format_table(result: Mapping[str, Any], split: str = "test") -> str:
@@ -294,6 +315,11 @@ def format_table(result: Mapping[str, Any], split: str = "test") -> str:
 def _report(result: Mapping[str, Any]) -> None:
     split = "test" if "test" in result["splits"] else next(iter(result["splits"]))
     head = f"{result['data']} ({result['task']}, {split} n={result['num_test']})"
+    if result.get("skipped"):
+        print(f"\nskipped {result['run_dir']}: {result['skipped']}; nothing was recomputed (force=true recomputes).")
+        print(f"stored results of {head} · {result['model']} · seed {result['seed']}:")
+        print(format_table(result, split))
+        return
     print(f"\n{head} · {result['model']} · seed {result['seed']}")
     print(format_table(result, split))
     if "reliability_diagram" in result:
@@ -308,7 +334,10 @@ def main() -> None:
 
     import hydra
 
+    from .hydra_store import register
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    register()
 
     @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
     def _app(cfg: DictConfig) -> float:

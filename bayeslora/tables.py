@@ -3,7 +3,13 @@
 Layout as in the Laplace-LoRA / BLoB tables: rows = methods, columns = datasets, one block per
 metric (ACC, ECE, NLL, Brier). ACC and ECE are in percent. The best mean per column is bold
 (max for ACC, min for ECE/NLL/Brier). A cell whose accuracy is not above chance (mean accuracy
-within two binomial standard errors of 1/C) is marked with a dagger.
+within two binomial standard errors of the majority-class rate of the evaluated split; 1/C for runs that
+did not store their label counts) is marked with a dagger, and the footnote gives the NLL / Brier of the
+constant predictor that always predicts the split's class frequencies.
+
+Rows are method labels; runs that share a label and a column but differ in a setting (e.g. a sweep over
+``prior_precision``) get one row each, labelled with the distinguishing settings
+(:func:`bayeslora.results.label_runs`), so different settings are never averaged as if they were seeds.
 
 The ``ood`` layout (runs with ``eval.ood``, see :mod:`bayeslora.ood`): rows = methods, columns = the
 in-distribution test set then the shifted sets, blocks = ACC / ECE / NLL and the OOD-detection AUROCs
@@ -28,6 +34,7 @@ from pathlib import Path
 
 from .io import atomic_write, load_torch
 from .metrics import ECE_BINS, Predictions
+from .results import label_runs
 
 METRICS = {  # name -> (header, scale, higher is better)
     "acc": ("ACC (%) ↑", 100.0, True),
@@ -39,6 +46,10 @@ METRICS = {  # name -> (header, scale, higher is better)
     "auroc_mi": ("OOD AUROC, MI (%) ↑", 100.0, True),
 }
 TS_SUFFIX = " + TS"  # a method's temperature-scaled row is labelled f"{label}{TS_SUFFIX}"
+TS_NOTE = (
+    "+ TS: temperature scaling of the method's model-average log-probabilities (T fit on validation NLL), so its "
+    "accuracy is the method's."
+)
 LAYOUTS = {  # layout -> default metric blocks
     "datasets": ("acc", "ece", "nll", "brier"),
     "ood": ("acc", "ece", "nll", "auroc_entropy", "auroc_mi"),
@@ -78,7 +89,7 @@ def collect(results_dir: str | os.PathLike) -> list[dict]:
         runs.append(run)
     if not runs:
         raise ValueError(f"results_dir: no metrics.json found under {str(root)!r}; run bayeslora-run first.")
-    return runs
+    return label_runs(runs)
 
 
 def run_metrics(run: dict, split: str, ece_bins: int | None, ood: bool = False) -> dict[str, float] | None:
@@ -94,34 +105,54 @@ def run_metrics(run: dict, split: str, ece_bins: int | None, ood: bool = False) 
     return {**stored, **Predictions.from_state_dict(preds[key]).metrics(n_bins=ece_bins)}
 
 
-def _above_chance(acc: Cell, num_classes: int | None, n: int | None) -> bool:
-    if not num_classes or not n:
+def chance_rate(counts: Sequence[int] | None, num_classes: int | None) -> float | None:
+    """The accuracy of always predicting the most frequent class (``counts``), else 1/C, else None."""
+    if counts and sum(counts) > 0:
+        return max(counts) / sum(counts)
+    return 1.0 / num_classes if num_classes else None
+
+
+def constant_predictor(counts: Sequence[int]) -> dict[str, float]:
+    """NLL and Brier of the constant predictor that predicts the class frequencies of ``counts``."""
+    n = sum(counts)
+    p = [c / n for c in counts]
+    return {"nll": -sum(q * math.log(q) for q in p if q > 0), "brier": 1.0 - sum(q * q for q in p)}
+
+
+def _above_chance(acc: Cell, rate: float | None, n: int | None) -> bool:
+    if rate is None or not n:
         return True
-    p = 1.0 / num_classes
-    return acc.mean > p + 2 * math.sqrt(p * (1 - p) / n)
+    return acc.mean > rate + 2 * math.sqrt(rate * (1 - rate) / n)
+
+
+def row_label(run: dict) -> str:
+    """The table row of a run: its method label plus any distinguishing settings (set by :func:`collect`)."""
+    return run.get("label") or run["method_label"]
 
 
 def row_variants(run: dict, ts_rows: bool) -> list[tuple[str, str]]:
     """(row label, key suffix): the method's own row and, with ``ts_rows``, its temperature-scaled row."""
-    return [(run["method_label"], ""), *([(run["method_label"] + TS_SUFFIX, "_ts")] if ts_rows else [])]
+    label = row_label(run)
+    return [(label, ""), *([(label + TS_SUFFIX, "_ts")] if ts_rows else [])]
 
 
 def _entries(runs: Iterable[dict], split: str, ts_rows: bool, ece_bins: int | None, layout: str):
-    """Yield ``(row, column, metrics, num_classes, n)`` for every cell value of a layout."""
+    """Yield ``(row, column, metrics, num_classes, n, label counts)`` for every cell value of a layout."""
     for run in runs:
         c, n = run.get("num_classes"), run.get(f"num_{split}", run.get("num_test"))
+        counts = (run.get("label_counts") or {}).get(split)
         if layout == "ood" and not run.get("ood"):
             continue
         for label, suffix in row_variants(run, ts_rows):
             m = run_metrics(run, split + suffix, ece_bins)
             if m is not None:
-                yield label, run["data"] + (" (ID)" if layout == "ood" else ""), m, c, n
+                yield label, run["data"] + (" (ID)" if layout == "ood" else ""), m, c, n, counts
             if layout != "ood":
                 continue
             for name in sorted(k for k in run["ood"] if not k.endswith("_ts")):
                 m = run_metrics(run, name + suffix, ece_bins, ood=True)
                 if m is not None:
-                    yield label, name, m, c, m.get("n")
+                    yield label, name, m, c, m.get("n"), m.get("label_counts")
 
 
 def aggregate(
@@ -141,19 +172,23 @@ def aggregate(
     table: dict[str, dict[str, dict[str, Cell]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(Cell)))
     methods: list[str] = []
     datasets: list[str] = []
-    info: dict[tuple[str, str], tuple[int | None, int | None]] = {}
-    for label, data, m, c, n in _entries(runs, split, ts_rows, ece_bins, layout):
+    info: dict[tuple[str, str], tuple[float | None, int | None]] = {}
+    references: dict[str, list[int]] = {}
+    for label, data, m, c, n, counts in _entries(runs, split, ts_rows, ece_bins, layout):
         methods.append(label) if label not in methods else None
         datasets.append(data) if data not in datasets else None
-        info[(label, data)] = (c, n)
+        info[(label, data)] = (chance_rate(counts, c), n)
+        if counts:
+            references.setdefault(data, list(counts))
         for metric in METRICS:
             if metric in m:
                 table[metric][label][data].values.append(float(m[metric]))
-    for (label, data), (c, n) in info.items():
+    table["_references"] = references
+    for (label, data), (rate, n) in info.items():
         acc = table["acc"][label][data]
-        chance = bool(acc.values) and not _above_chance(acc, c, n)
-        for metric in table:
-            if data in table[metric][label]:
+        chance = bool(acc.values) and not _above_chance(acc, rate, n)
+        for metric in METRICS:
+            if metric in table and data in table[metric][label]:
                 table[metric][label][data].chance = chance
     for label in methods:  # OOD detection is meaningless where the model is at chance in distribution
         for data in datasets:
@@ -185,7 +220,27 @@ def _fmt(cell: Cell, scale: float, digits: int, max_n: int = 1) -> str:
 
 
 def _cells(table) -> Iterable[Cell]:
-    return (c for mt in table.values() for row in mt.values() for c in row.values())
+    return (c for k, mt in table.items() if k != "_references" for row in mt.values() for c in row.values())
+
+
+def footnotes(table, methods: Sequence[str], datasets: Sequence[str]) -> list[str]:
+    """The notes under a table: chance marker, constant-predictor references, seed counts, TS rows."""
+    notes, max_n = [], _max_n(table)
+    if any(c.chance for c in _cells(table)):
+        notes.append(
+            "† accuracy not above chance: within 2 binomial s.e. of the majority-class rate of the evaluated split "
+            "(1/C where a run stored no label counts)."
+        )
+    refs = table.get("_references") or {}
+    shown = [f"{d} {constant_predictor(refs[d])['nll']:.3f} / {constant_predictor(refs[d])['brier']:.3f}"
+             for d in datasets if d in refs]  # fmt: skip
+    if shown:
+        notes.append("Constant predictor (the split's class frequencies), NLL / Brier: " + "; ".join(shown) + ".")
+    if any(0 < len(c.values) < max_n for c in _cells(table)):
+        notes.append(f"(n=k): mean over k seeds only (the other cells: {max_n}).")
+    if any(m.endswith(TS_SUFFIX) for m in methods):
+        notes.append(TS_NOTE)
+    return notes
 
 
 def _max_n(table) -> int:
@@ -214,10 +269,7 @@ def markdown(table, methods, datasets, metrics: Sequence[str]) -> str:
                 cells.append(s)
             out.append(f"| {m} | " + " | ".join(cells) + " |")
         out.append("")
-    if any(c.chance for c in _cells(table)):
-        out.append("† accuracy not above chance (within 2 binomial s.e. of 1/C).")
-    if any(0 < len(c.values) < max_n for c in _cells(table)):
-        out.append(f"(n=k): mean over k seeds only (the other cells: {max_n}).")
+    out.extend(footnotes(table, methods, datasets))
     return "\n".join(out) + "\n"
 
 
@@ -304,7 +356,7 @@ def make_tables(
     if not methods:
         what = "OOD metrics (eval.ood)" if layout == "ood" else f"metrics for split {split!r}"
         raise ValueError(f"split: no run has {what}; expected e.g. split='test', or runs made with eval.ood.")
-    methods = _chosen(methods, rows, "rows", base=lambda m: m.removesuffix(TS_SUFFIX))
+    methods = _chosen(methods, rows, "rows", base=lambda m: m.removesuffix(TS_SUFFIX), prefix=" (")
     datasets = _chosen(datasets, columns, "columns")
     texts = {
         "md": markdown(table, methods, datasets, metrics),
@@ -317,11 +369,21 @@ def make_tables(
     return texts
 
 
-def _chosen(found: list[str], wanted: Sequence[str] | None, what: str, base=lambda x: x) -> list[str]:
-    """The ``found`` entries whose ``base`` is in ``wanted``, in the order of ``wanted`` (None: all of them)."""
+def _chosen(
+    found: list[str], wanted: Sequence[str] | None, what: str, base=lambda x: x, prefix: str | None = None
+) -> list[str]:
+    """The ``found`` entries whose ``base`` is in ``wanted``, in the order of ``wanted`` (None: all of them).
+
+    With ``prefix``, ``w`` also selects the entries whose base starts with ``w + prefix`` (a method label selects
+    its rows of every setting, ``"kfac_laplace"`` -> ``"kfac_laplace (prior_precision=0.01)"``).
+    """
     if wanted is None:
         return found
-    chosen = [x for w in wanted for x in found if base(x) == w]
+
+    def matches(x: str, w: str) -> bool:
+        return base(x) == w or (prefix is not None and base(x).startswith(w + prefix))
+
+    chosen = list(dict.fromkeys(x for w in wanted for x in found if matches(x, w)))
     if not chosen:
         raise ValueError(f"{what}: none of {list(wanted)} has runs here; expected some of {found}.")
     return chosen

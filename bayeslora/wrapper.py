@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .fingerprint import base_fingerprint
 from .function import AdapterFn
 from .io import load_torch
 from .metrics import Predictions, predict_loader
@@ -39,6 +40,7 @@ from .train import TrainConfig, TrainResult, train_map
 _META = "bayeslora.json"
 _STATE = "posterior.pt"
 _ADAPTER = "adapter"
+FORMAT_VERSION = 1  # docs/saved_format.md; bump when the files or their keys change
 
 
 class BayesianLoRA:
@@ -145,6 +147,8 @@ class BayesianLoRA:
             self.model.save_pretrained(tmp / _ADAPTER, selected_adapters=[self.params.adapter_name])
             torch.save(self.posterior.state_dict(), tmp / _STATE)
             meta = {
+                "format_version": FORMAT_VERSION,
+                "base_model": base_fingerprint(self.model),
                 "method": self.posterior.name,
                 "config": self.posterior.config(),
                 "readout": self.fn.readout.config(),
@@ -166,23 +170,54 @@ class BayesianLoRA:
 
     @classmethod
     def load(cls, path: str | os.PathLike, base_model: nn.Module, *, autocast_dtype="auto") -> BayesianLoRA:
-        """Load a saved BayesianLoRA onto a fresh base model (the same architecture and weights)."""
+        """Load a saved BayesianLoRA onto a fresh base model (the same architecture and weights).
+
+        Refuses (``ValueError`` naming the file, the field and the fix) a directory of another format version, a
+        base model whose fingerprint differs from the one the posterior was fit on, a posterior state that fails
+        its own checks, and stored adapter values that differ from the saved adapter's.
+        """
         from peft import PeftModel
 
         path = Path(path)
-        if not (path / _META).is_file():
+        meta_file = path / _META
+        if not meta_file.is_file():
             raise ValueError(
                 f"path: {str(path)!r} is not a saved BayesianLoRA (no {_META}); pass the directory save() wrote."
             )
-        meta = json.loads((path / _META).read_text())
+        meta = json.loads(meta_file.read_text())
+        version = meta.get("format_version")
+        if version != FORMAT_VERSION:
+            raise ValueError(
+                f"{meta_file}: field 'format_version' is {version!r}; this bayeslora reads version {FORMAT_VERSION} "
+                "(docs/saved_format.md). Re-save the posterior with this version (fit it again, or load it with the "
+                "version that wrote it and save)."
+            )
+        stored = meta.get("base_model") or {}
+        try:
+            found = base_fingerprint(base_model, list((stored.get("tensors") or {}).keys()))
+        except ValueError as err:
+            raise ValueError(f"{meta_file}: field 'base_model': {err}; pass the base model it was saved with.") from err
+        if found != stored:
+            what = "config" if found["config"] != stored.get("config") else "weights"
+            raise ValueError(
+                f"{meta_file}: field 'base_model': the {what} of the given base model differ from those the posterior "
+                "was fit on (fingerprint mismatch); load it onto the same base model (same checkpoint, quantisation "
+                "and dtype), or fit a new posterior for this one."
+            )
         adapter_dir = path / _ADAPTER
         adapter_name = meta["params"]["adapter_name"]
         sub = adapter_dir / adapter_name if (adapter_dir / adapter_name).is_dir() else adapter_dir
         model = PeftModel.from_pretrained(base_model, sub, adapter_name=adapter_name)
         model.eval()
         posterior = make_posterior(meta["method"], **meta["config"])
-        posterior.load_state_dict(load_torch(path / _STATE))
-        return cls(
+        state_file = path / _STATE
+        try:
+            posterior.load_state_dict(load_torch(state_file))
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(
+                f"{state_file}: {err} Re-fit and save the posterior; the file is not a valid state."
+            ) from err
+        bl = cls(
             model,
             readout_from_config(meta["readout"]),
             posterior,
@@ -190,6 +225,21 @@ class BayesianLoRA:
             prior_precision=meta["prior_precision"],
             autocast_dtype=autocast_dtype,
         )
+        bl._check_stored_values(state_file)
+        return bl
+
+    def _check_stored_values(self, state_file: Path) -> None:
+        """A posterior that stores the adapter values it was fit at must match the loaded adapter."""
+        values = getattr(self.posterior, "values", None)
+        if not isinstance(values, Mapping) or not values:
+            return
+        live = self.params.values()
+        for name, value in values.items():
+            if name in live and not torch.equal(value.to(live[name].device, live[name].dtype), live[name]):
+                raise ValueError(
+                    f"{state_file}: field 'values' ({name}) differs from the saved adapter's value; the posterior and "
+                    f"{_ADAPTER}/ come from different fits. Save them together again with BayesianLoRA.save()."
+                )
 
 
 def _replace_dir(src: Path, dst: Path) -> None:

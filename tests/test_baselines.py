@@ -2,9 +2,10 @@ import pytest
 import torch
 from helpers import TokenDataset, randomize_lora_b, tiny_fn
 
+from bayeslora.calibration import TemperatureBoundWarning, fit_temperature
 from bayeslora.metrics import accuracy
 from bayeslora.posteriors import make_posterior
-from bayeslora.posteriors.baselines import CheckpointEnsemble, MCDropout, TemperatureScaling, fit_temperature
+from bayeslora.posteriors.baselines import CheckpointEnsemble, MCDropout, TemperatureScaling
 from bayeslora.posteriors.map import MAP
 from bayeslora.train import TrainConfig, list_checkpoints, load_checkpoint, train_map
 
@@ -23,6 +24,30 @@ def test_temperature_recovers_a_known_temperature_and_keeps_accuracy():
         fit_temperature(torch.zeros(0, 3), torch.zeros(0))
 
 
+def test_temperature_is_bounded_and_warns_at_the_bound():
+    """Labels independent of the logits: the NLL wants T -> inf; the fit stops at the bound and says so."""
+    g = torch.Generator().manual_seed(1)
+    z = 5.0 * torch.randn(2000, 3, generator=g)
+    labels = torch.randint(0, 3, (2000,), generator=g)
+    with pytest.warns(TemperatureBoundWarning, match="at a bound"):
+        t = fit_temperature(z, labels, bounds=(0.05, 20.0))
+    assert t == pytest.approx(20.0, rel=1e-3)
+    with pytest.warns(TemperatureBoundWarning):  # always right: the labels follow the argmax -> T -> 0
+        assert fit_temperature(z, z.argmax(-1)) == pytest.approx(1e-2, rel=1e-3)
+    with pytest.raises(ValueError, match="bounds"):
+        fit_temperature(z, labels, bounds=(2.0, 3.0))
+
+
+def test_temperature_fit_is_the_nll_minimiser_on_a_fine_grid():
+    g = torch.Generator().manual_seed(2)
+    z = 3.0 * torch.randn(500, 4, generator=g)
+    labels = torch.multinomial(torch.softmax(z / 2.0, -1), 1, generator=g).squeeze(1)
+    t = fit_temperature(z, labels)
+    grid = torch.exp(torch.linspace(-2, 3, 5001, dtype=torch.float64))
+    nll = torch.stack([torch.nn.functional.cross_entropy(z.double() / s, labels) for s in grid])
+    assert t == pytest.approx(float(grid[nll.argmin()]), rel=2e-3)
+
+
 def test_temperature_posterior_state_round_trip():
     fn, _ = tiny_fn("bert")
     randomize_lora_b(fn, 1.0)
@@ -32,8 +57,9 @@ def test_temperature_posterior_state_round_trip():
     again = TemperatureScaling()
     again.load_state_dict(ts.state_dict())
     torch.testing.assert_close(again.predict(fn, batch).logits, ts.predict(fn, batch).logits)
+    map_logits = MAP().fit(fn).predict(fn, batch).logits[0].double()  # S=1: softmax(logits / T), as in Guo et al.
     torch.testing.assert_close(
-        ts.predict(fn, batch).logits[0], MAP().fit(fn).predict(fn, batch).logits[0] / ts.temperature
+        torch.softmax(ts.predict(fn, batch).logits[0], -1), torch.softmax(map_logits / ts.temperature, -1)
     )
 
 
@@ -112,17 +138,21 @@ def test_temperature_needs_a_validation_split_and_keeps_the_map_argmax():
 
 
 def test_temperature_on_top_of_another_method():
-    """T on an ensemble's mean logits: the wrapper trains the ensemble, the runner sees trains_adapter."""
+    """T on an ensemble's model average: the wrapper trains the ensemble, the runner sees trains_adapter."""
     fn, _ = tiny_fn("bert", r=2)
     ds = TokenDataset(32, seed=9)
-    options = {"k": 2, "train": {"lr": 1e-2, "max_steps": 3, "progress": False}, "progress": False}
+    options = {"k": 2, "train": {"lr": 1e-2, "max_steps": 3, "progress": False}, "progress": False,
+               "include_current": False}  # fmt: skip
     ts = TemperatureScaling(base="ensemble", base_options=options, prior_precision=2.0)
     assert ts.trains_adapter and ts.base.prior_precision == 2.0 and not hasattr(ts, "checkpoint_dir")
     ts.fit(fn, ds.loader(8), val_loader=ds.loader(8))
     batch = next(iter(ds.loader(8)))
     ens = ts.base.predict(fn, batch)
     assert ens.logits.shape[0] == 2
-    torch.testing.assert_close(ts.predict(fn, batch).logits[0], ens.mean_logits / ts.temperature)
+    # independent reference: log of the mean of the members' softmax, divided by T, renormalised
+    bma = torch.log(torch.softmax(ens.logits.double(), -1).mean(0))
+    torch.testing.assert_close(ts.predict(fn, batch).probs, torch.softmax(bma / ts.temperature, -1))
+    assert torch.equal(ts.predict(fn, batch).probs.argmax(-1), bma.argmax(-1))
     again = make_posterior("temperature", **ts.config())
     again.load_state_dict(ts.state_dict())
     torch.testing.assert_close(again.predict(fn, batch).logits, ts.predict(fn, batch).logits)
@@ -183,3 +213,21 @@ def test_checkpoint_ensemble_state_and_missing_directory(tmp_path):
     batch = next(iter(ds.loader(8)))
     torch.testing.assert_close(again.predict(fn, batch).logits, ce.predict(fn, batch).logits)
     assert again.steps == [2, 4]
+
+
+def test_temperature_row_of_a_sampling_method_keeps_the_methods_accuracy():
+    """Two samples whose mean logits and model average disagree on the argmax: TS must keep the model average's."""
+    from bayeslora.calibration import temperature_scaled
+    from bayeslora.metrics import Predictions
+    from bayeslora.predictive import Predictive
+
+    # two samples sure of class 0, one with a huge class-1 logit: BMA says 0 (p = 2/3), the mean logits say 1
+    logits = torch.tensor([[[10.0, 0.0]], [[10.0, 0.0]], [[0.0, 40.0]]]).repeat(1, 8, 1)
+    labels = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1])
+    pred = Predictive(logits)
+    assert pred.mean_logits.argmax(-1)[0] != pred.log_probs.argmax(-1)[0]  # the two predictors differ
+    preds = Predictions.from_predictive(pred, labels)
+    for t in (0.5, 3.0):
+        scaled = temperature_scaled(preds, t)
+        assert accuracy(scaled.log_probs, labels) == accuracy(preds.log_probs, labels)
+        assert torch.equal(scaled.log_probs.argmax(-1), preds.log_probs.argmax(-1))

@@ -29,7 +29,7 @@ def test_members_differ_and_equal_separately_trained_maps():
     fn, _ = tiny_fn("bert", r=2, dropout=0.1)
     live_before = {n: p.detach().clone() for n, p in fn.model.named_parameters()}
     rng = torch.get_rng_state()
-    ens = Ensemble(k=3, train=TRAIN, base_seed=10, prior_precision=1.0, progress=False)
+    ens = Ensemble(k=3, train=TRAIN, base_seed=10, prior_precision=1.0, include_current=False, progress=False)
     ens.fit(fn, ds.loader(8, shuffle=True))
     assert torch.equal(rng, torch.get_rng_state())  # the caller's global RNG is untouched
     for n, p in fn.model.named_parameters():  # the whole model (adapter included) is as before fit
@@ -65,7 +65,7 @@ def test_include_current_makes_the_held_adapter_member_zero_and_trains_only_the_
         assert torch.equal(p, the_map[n]), n
     for n, v in ens.members[0].items():
         assert torch.equal(v, the_map[n]), n
-    full = Ensemble(k=3, train=TRAIN, base_seed=10, prior_precision=1.0, progress=False)
+    full = Ensemble(k=3, train=TRAIN, base_seed=10, prior_precision=1.0, include_current=False, progress=False)
     assert full.trains_adapter is True
     full.fit(fn, ds.loader(8, shuffle=True))
     for mine, theirs in zip(ens.members[1:], full.members[1:]):  # members 1, 2: the same seeds, the same values
@@ -82,7 +82,9 @@ def test_members_hold_the_trainable_tensors_left_out_of_the_selection():
     fn, _ = tiny_fn("bert", r=2, include_head=False)
     head = [n for n in trainable_parameters(fn) if n not in fn.params.names]
     assert head  # the classification head copy
-    ens = Ensemble(k=2, train=TRAIN, base_seed=3, progress=False).fit(fn, ds.loader(8, shuffle=True))
+    ens = Ensemble(k=2, train=TRAIN, base_seed=3, include_current=False, progress=False).fit(
+        fn, ds.loader(8, shuffle=True)
+    )
     assert all(set(head) <= set(m) for m in ens.members)
     assert not torch.equal(ens.members[0][head[0]], ens.members[1][head[0]])
     batch = next(iter(ds.loader(8)))

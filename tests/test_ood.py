@@ -2,12 +2,14 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
+from bayeslora.calibration import temperature_scaled
 from bayeslora.metrics import Predictions, ood_auroc
-from bayeslora.ood import ood_metrics, ood_report, predict_ood, temperature_scaled
+from bayeslora.ood import ood_metrics, ood_report, predict_ood
 from bayeslora.predictive import Predictive
 from bayeslora.run import compose, run
 from bayeslora.tables import make_tables
@@ -48,7 +50,9 @@ def test_ood_metrics_match_naive_references():
 def test_temperature_scaled_and_report():
     p = _preds(16, 4, 0, samples=3)
     scaled = temperature_scaled(p, 2.0)
-    assert torch.allclose(scaled.log_probs, torch.log_softmax(p.mean_logits.double() / 2.0, -1), atol=1e-6)
+    bma = p.log_probs.exp()  # reference: the model average, each probability to the power 1/T, renormalised
+    powered = bma**0.5
+    assert torch.allclose(scaled.log_probs.exp(), powered / powered.sum(-1, keepdim=True), atol=1e-9)
     assert torch.equal(scaled.mutual_information, torch.zeros(16))
     in_dist = {"test": _preds(16, 4, 1), "test_ts": _preds(16, 4, 2)}
     metrics, saved = ood_report(in_dist, {"arc": p}, "test", 2.0)
@@ -73,7 +77,7 @@ def _ood_run(tmp_path, root, *extra):
 def test_run_evaluates_shifted_sets_and_builds_the_ood_table(tmp_path, shared_data):
     first = _ood_run(tmp_path, shared_data, "method=map")
     _ood_run(tmp_path, shared_data, "method=temperature")
-    run_dir = tmp_path / "openbookqa" / "tiny-llama" / "map" / "seed_0"
+    run_dir = Path(first["run_dir"])
     stored = json.loads((run_dir / "metrics.json").read_text())
     assert stored == json.loads(json.dumps(first))
     assert set(stored["ood"]) == {"arc_challenge", "arc_challenge_ts", "mmlu_chem", "mmlu_chem_ts"}

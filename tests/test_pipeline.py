@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -22,6 +23,13 @@ from bayeslora.tables import collect, make_tables
 
 METHODS, DATA, SEEDS = ("map", "temperature"), ("sst2", "rte"), (0, 1)
 RUNS = [f"{d}/tiny-bert/{m}/seed_{s}" for m, d, s in itertools.product(METHODS, DATA, SEEDS)]
+PATTERN = "*/*/*/*/seed_*/metrics.json"  # <data>/<model>/<method>/<setting id>/seed_<k>
+
+
+def _name(run_dir) -> str:
+    """A run directory without its setting id (``<data>/<model>/<method>/seed_<k>``)."""
+    parts = str(run_dir).split("/")[-5:]
+    return "/".join(parts[:3] + parts[4:])
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +47,7 @@ def _tables(root):
 
 
 def test_cpu_pipeline_produces_tables_and_figures(reference, tmp_path):
-    assert sorted(str(r["_dir"])[len(str(reference)) + 1 :] for r in collect(reference)) == sorted(RUNS)
+    assert sorted(_name(r["_dir"]) for r in collect(reference)) == sorted(RUNS)
     texts = make_tables(reference, tmp_path, ts_rows=True, name="cpu_pipeline", rows=["temperature", "map"])
     md = texts["md"]
     for block in ("ACC (%) ↑", "ECE (%) ↓", "NLL ↓", "Brier ↓"):
@@ -50,7 +58,7 @@ def test_cpu_pipeline_produces_tables_and_figures(reference, tmp_path):
     assert rows == ["temperature", "temperature + TS", "map", "map + TS"]  # listed order, each with its + TS row
     # rows / columns select: one shared results store can feed several tables
     only = make_tables(reference, ts_rows=True, rows=["map", "vi_blob"], columns=["rte", "boolq"])
-    assert "| method | rte |" in only["md"] and "sst2" not in only["md"] and "temperature" not in only["md"]
+    assert "| method | rte |" in only["md"] and "sst2" not in only["md"] and "| temperature" not in only["md"]
     assert only["csv"].count("\n") == 1 + 2 * 1 * 4  # map, map + TS x rte x 4 metrics
     with pytest.raises(ValueError, match="columns: none of"):
         make_tables(reference, columns=["boolq"])
@@ -78,7 +86,7 @@ def test_sweep_resumes_after_sigkill(reference, tmp_path, shared_data):
     root = tmp_path / "results"
     proc = _sweep(root, shared_data)
     deadline = time.monotonic() + 300
-    while not list(root.glob("*/*/*/*/metrics.json")):
+    while not list(root.glob(PATTERN)):
         if proc.poll() is not None:
             pytest.fail(f"the sweep ended before it was killed:\n{proc.stdout.read()[-3000:]}")
         if time.monotonic() > deadline:
@@ -89,12 +97,16 @@ def test_sweep_resumes_after_sigkill(reference, tmp_path, shared_data):
     proc.wait(timeout=30)
     proc.stdout.close()
     done = {
-        p.parent: (p.stat().st_mtime_ns, (p.parent / "predictions.pt").stat().st_mtime_ns)
-        for p in root.glob("*/*/*/*/metrics.json")
+        p.parent: (p.stat().st_mtime_ns, (p.parent / "predictions.pt").stat().st_mtime_ns) for p in root.glob(PATTERN)
     }
     assert 1 <= len(done) < len(RUNS)
     # a run killed while writing leaves a hidden temporary file: plant one in an unfinished run directory
-    unfinished = next(root / r for r in RUNS if root / r not in done)
+    names = {_name(d) for d in done}
+    method, data, seed = next((m, d, s) for m, d, s in itertools.product(METHODS, DATA, SEEDS)
+                              if f"{d}/tiny-bert/{m}/seed_{s}" not in names)  # fmt: skip
+    overrides = ["experiment=cpu_pipeline", f"method={method}", f"data={data}", f"seed={seed}", f"results_dir={root}"]
+    unfinished = Path(compose(overrides).run_dir)
+    assert _name(unfinished) not in names
     unfinished.mkdir(parents=True, exist_ok=True)
     (unfinished / ".metrics.json.killed.tmp").write_text('{"acc": ')
     assert len(collect(root)) == len(done)  # partial state: only complete runs are visible
@@ -103,8 +115,8 @@ def test_sweep_resumes_after_sigkill(reference, tmp_path, shared_data):
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:]
 
-    finished = sorted(root.glob("*/*/*/*/metrics.json"))
-    assert sorted(str(p.parent.relative_to(root)) for p in finished) == sorted(RUNS)
+    finished = sorted(root.glob(PATTERN))
+    assert sorted(_name(p.parent) for p in finished) == sorted(RUNS)
     for path in finished:
         result = json.loads(path.read_text())
         assert {"acc", "ece", "nll", "brier", "splits", "config"} <= set(result)

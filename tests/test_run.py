@@ -1,9 +1,11 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from bayeslora.run import compose, config_dir, format_table, run
+from bayeslora.tables import make_tables
 
 SMOKE = ["experiment=smoke", "eval.reliability_diagram=true"]
 
@@ -22,11 +24,17 @@ def test_config_dir_and_groups():
 
 def test_smoke_run_writes_metrics_predictions_and_plot(tmp_path):
     result = run(_cfg(tmp_path))
-    run_dir = tmp_path / "sst2_demo" / "tiny-bert" / "map" / "seed_0"
-    assert result["run_dir"] == str(run_dir)
+    run_dir = Path(result["run_dir"])
+    assert run_dir.parent.parent == tmp_path / "sst2_demo" / "tiny-bert" / "map" and run_dir.name == "seed_0"
+    assert run_dir.parent.name == result["setting_id"]
     stored = json.loads((run_dir / "metrics.json").read_text())
-    for key in ("task", "model", "method", "seed", "acc", "ece", "nll", "brier", "timings", "config"):
+    for key in ("task", "model", "method", "seed", "acc", "ece", "nll", "brier", "timings", "config", "identity"):
         assert key in stored
+    assert stored["identity"]["prior_precision"] == 1.0 and "device" not in stored["identity"]
+    assert (
+        stored["label_counts"]["test"]
+        == torch.load(run_dir / "predictions.pt")["test"]["labels"].bincount(minlength=2).tolist()
+    )
     assert stored["task"] == "sst2" and stored["num_test"] == 128 and stored["num_classes"] == 2
     preds = torch.load(run_dir / "predictions.pt", weights_only=True)
     assert set(preds) >= {"test", "validation", "test_ts"}
@@ -37,12 +45,15 @@ def test_smoke_run_writes_metrics_predictions_and_plot(tmp_path):
     assert "| map " in format_table(stored) and "temperature" in format_table(stored)
 
 
-def test_completed_run_is_skipped_and_map_cache_is_reused(tmp_path):
+def test_completed_run_is_skipped_only_for_the_same_identity_and_map_cache_is_reused(tmp_path, capsys):
     first = run(_cfg(tmp_path))
-    metrics = tmp_path / "sst2_demo" / "tiny-bert" / "map" / "seed_0" / "metrics.json"
+    metrics = Path(first["run_dir"]) / "metrics.json"
     stamp = metrics.stat().st_mtime_ns
-    assert run(_cfg(tmp_path)) == json.loads(metrics.read_text())
+    again = run(_cfg(tmp_path))
+    assert "same identity" in again.pop("skipped") and again == json.loads(metrics.read_text())
     assert metrics.stat().st_mtime_ns == stamp
+    # runtime-only keys do not make a new run
+    assert run(_cfg(tmp_path, "device=cpu", "eval.batch_size=32"))["run_dir"] == first["run_dir"]
     # another method with the same MAP setting re-uses the cached adapter
     second = run(_cfg(tmp_path, "method=temperature"))
     assert first["map"]["cached"] is False and second["map"]["cached"] is True
@@ -51,16 +62,70 @@ def test_completed_run_is_skipped_and_map_cache_is_reused(tmp_path):
     assert metrics.stat().st_mtime_ns != stamp and forced["map"]["cached"] is True
 
 
+def test_changed_settings_are_new_runs_never_the_stored_one(tmp_path):
+    """The stale-cell bug: data.max_train / train.lr / prior_precision changes returned the old metrics.json."""
+    first = run(_cfg(tmp_path))
+    changed = run(_cfg(tmp_path, "data.max_train=32", "train.lr=1e-2"))
+    assert "skipped" not in changed and changed["run_dir"] != first["run_dir"]
+    assert changed["num_train"] == 32 and first["num_train"] == 128
+    assert changed["map"]["cached"] is False  # a different MAP setting trains its own MAP
+    lam = [run(_cfg(tmp_path, "method=kfac_laplace", "method.prior_fit=none", f"prior_precision={v}")) for v in
+           (0.01, 100.0)]  # fmt: skip
+    assert lam[0]["run_dir"] != lam[1]["run_dir"] and lam[0]["nll"] != lam[1]["nll"]
+    assert lam[0]["identity"]["prior_precision"] == 0.01 and lam[1]["identity"]["prior_precision"] == 100.0
+    # the tables keep them apart: one row per prior precision, not a 2-seed mean
+    md = make_tables(tmp_path, rows=["kfac_laplace"], metrics=["nll"])["md"]
+    assert "| kfac_laplace (prior_precision=0.01) |" in md and "| kfac_laplace (prior_precision=100) |" in md
+    assert "±" not in md
+
+
+def test_a_run_directory_holding_another_config_is_an_error_naming_the_keys(tmp_path):
+    fixed = f"run_dir={tmp_path}/fixed"
+    run(_cfg(tmp_path, fixed))
+    with pytest.raises(ValueError, match=r"different config \(train.lr: stored 0.001, requested 0.01\).*force=true"):
+        run(_cfg(tmp_path, fixed, "train.lr=1e-2"))
+    record = json.loads((tmp_path / "fixed" / "metrics.json").read_text())
+    del record["identity"]  # a store from an older bayeslora: nothing to check it against
+    (tmp_path / "fixed" / "metrics.json").write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="without a stored identity"):
+        run(_cfg(tmp_path, fixed))
+    assert "skipped" not in run(_cfg(tmp_path, fixed, "force=true"))
+
+
+def test_map_cache_key_covers_every_setting_that_changes_the_map():
+    from bayeslora.run import _map_key
+
+    base = _map_key(compose(SMOKE))
+    same = ["method=kfac_laplace", "eval.n_samples=4", "device=cpu", "method_label=x", "eval.batch_size=8"]
+    for override in same:
+        assert _map_key(compose([*SMOKE, override])) == base, override
+    differ = ["train.lr=0.1", "train.warmup_ratio=0.1", "lora.r=4", "lora.dropout=0.0", "data.max_train=16",
+              "data.val_size=0.2", "seed=1", "prior_precision=2", "params.include_head=false", "dtype=bfloat16",
+              "model=tiny_llama", "data.max_length=32", "train.batch_size=8", "train.grad_accum=2"]  # fmt: skip
+    for override in differ:
+        assert _map_key(compose([*SMOKE, override])) != base, override
+
+
+def test_a_skipped_run_says_so_instead_of_reprinting_as_new(tmp_path, capsys):
+    from bayeslora.run import _report
+
+    _report(run(_cfg(tmp_path)))
+    assert "nothing was recomputed" not in capsys.readouterr().out
+    _report(run(_cfg(tmp_path)))
+    out = capsys.readouterr().out
+    assert "skipped" in out and "nothing was recomputed" in out and "stored results" in out
+
+
 def test_ensemble_run_reuses_the_cached_map_as_its_first_member(tmp_path):
     first = run(_cfg(tmp_path))
     one = run(_cfg(tmp_path, "method=ensemble", "method.k=1", "method_label=ens1"))
     two = run(_cfg(tmp_path, "method=ensemble", "method.k=2", "method_label=ens2"))
     assert first["map"]["cached"] is False and one["map"]["cached"] is True and two["map"]["cached"] is True
 
-    def load(label):
-        return torch.load(tmp_path / f"sst2_demo/tiny-bert/{label}/seed_0/predictions.pt", weights_only=True)
+    def load(result):
+        return torch.load(Path(result["run_dir"]) / "predictions.pt", weights_only=True)
 
-    map_test, one_test, two_test = (load(label)["test"] for label in ("map", "ens1", "ens2"))
+    map_test, one_test, two_test = (load(r)["test"] for r in (first, one, two))
     torch.testing.assert_close(one_test["log_probs"], map_test["log_probs"])  # k=1: the cached MAP itself
     assert not torch.allclose(two_test["log_probs"], map_test["log_probs"])  # k=2: the MAP and a trained member
     assert float(two_test["mutual_information"].min()) >= 0 and float(two_test["mutual_information"].max()) > 0
@@ -77,9 +142,42 @@ def test_map_cache_restores_every_trained_tensor_not_only_the_random_ones(tmp_pa
     """With the head outside the posterior (include_head=false) it is still trained and comes back from the cache."""
     extra = ("params.include_head=false",)
     first = run(_cfg(tmp_path, *extra))
-    path = tmp_path / "sst2_demo/tiny-bert/map/seed_0/predictions.pt"
+    path = Path(first["run_dir"]) / "predictions.pt"
     first_preds = torch.load(path, weights_only=True)
     again = run(_cfg(tmp_path, *extra, "force=true"))
     assert first["map"]["cached"] is False and again["map"]["cached"] is True
     stored = torch.load(path, weights_only=True)["test"]["mean_logits"]
     torch.testing.assert_close(stored, first_preds["test"]["mean_logits"])
+
+
+def test_two_processes_on_one_run_directory_wait_for_each_other(tmp_path):
+    """The second process must neither delete the first one's temporaries nor recompute: it waits, then skips."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    overrides = [*SMOKE, f"results_dir={tmp_path}", "train.epochs=4"]
+    code = (
+        "import sys; from bayeslora.run import compose, run; r = run(compose(sys.argv[1:])); "
+        "print('SKIPPED' if r.get('skipped') else 'RAN', r['run_id'])"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    run_dir = Path(compose(overrides).run_dir)
+
+    def start():
+        cmd = [sys.executable, "-c", code, *overrides]
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    first = start()
+    deadline = time.monotonic() + 120
+    while not (run_dir / ".run.lock").exists():  # the first process holds the run
+        assert first.poll() is None, first.stdout.read()[-2000:]
+        assert time.monotonic() < deadline, "the first process never locked its run directory"
+        time.sleep(0.02)
+    second = start()
+    outs = [p.communicate(timeout=300)[0] for p in (first, second)]
+    assert [p.returncode for p in (first, second)] == [0, 0], "\n".join(o[-2000:] for o in outs)
+    verdicts = sorted(o.strip().splitlines()[-1].split()[0] for o in outs)
+    assert verdicts == ["RAN", "SKIPPED"], outs
+    assert not list(run_dir.glob(".*.tmp"))

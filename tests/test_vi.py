@@ -39,6 +39,7 @@ def exact_posterior(fn, batch):
 
 def fit_toy(guide: str, n: int, steps: int = 1500, **kw) -> tuple[Variational, object, dict]:
     fn, batch = conjugate_toy(n)
+    kw = {"scale_lr": None, **kw}  # one lr for means and spreads: the toy tests the optimum, not the defaults
     vi = Variational(guide, steps=steps, lr=0.05, likelihood="gaussian", noise_std=NOISE, prior_precision=LAM,
                      init_scale=1e-2, progress=False, num_particles=2, **kw)  # fmt: skip
     vi.bind(fn, n, total_steps=steps)

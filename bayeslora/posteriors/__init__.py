@@ -104,6 +104,34 @@ def accepts(method: str, option: str) -> bool:
     return option in inspect.signature(_load(target)).parameters and option not in fixed
 
 
+# Options the run config supplies from its top level (the one prior number), not the method's defaults.
+RUN_LEVEL_OPTIONS = ("prior_precision",)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def method_defaults(method: str) -> dict[str, Any]:
+    """The keyword options of a registered method with their Python defaults (the one source of defaults).
+
+    Options fixed by the registry entry (e.g. ``structure`` of ``diag_laplace``) and :data:`RUN_LEVEL_OPTIONS`
+    are left out. Hydra's ``method/<name>`` configs are built from this (:mod:`bayeslora.hydra_store`), so the
+    library and ``bayeslora-run`` run the same method with the same defaults.
+    """
+    target, fixed = _entry(method)
+    out: dict[str, Any] = {}
+    for name, p in inspect.signature(_load(target)).parameters.items():
+        if name in fixed or name in RUN_LEVEL_OPTIONS or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+            continue
+        if p.default is inspect.Parameter.empty:
+            raise TypeError(f"method {method!r}: option {name!r} has no default; every option needs one.")
+        out[name] = _jsonable(p.default)
+    return out
+
+
 def require_fitted(posterior: Any, attribute: str) -> Any:
     """Return ``posterior.<attribute>`` or raise a clear error if ``fit`` has not been called."""
     value = getattr(posterior, attribute, None)
@@ -114,4 +142,4 @@ def require_fitted(posterior: Any, attribute: str) -> Any:
     return value
 
 
-__all__ = ["METHODS", "Posterior", "accepts", "make_posterior", "require_fitted"]
+__all__ = ["METHODS", "Posterior", "accepts", "make_posterior", "method_defaults", "require_fitted"]

@@ -1,7 +1,8 @@
 """Baselines every calibration table needs.
 
-* Temperature scaling (Guo et al., 2017): one scalar T > 0 fit by validation NLL (LBFGS on log T),
-  applied to the mean logits of a base method (MAP by default). Accuracy is unchanged.
+* Temperature scaling (Guo et al., 2017): one scalar T > 0 fit by validation NLL, applied to the
+  model-average log-probabilities of a base method (MAP by default), so accuracy is the base method's
+  (the one implementation is :mod:`bayeslora.calibration`).
 * MC dropout (Gal & Ghahramani, 2016): the LoRA dropout kept active at test time, S samples.
 * Checkpoint ensemble: the last M adapter checkpoints of one MAP training run.
 """
@@ -14,48 +15,20 @@ from typing import Any
 
 import torch
 
+from ..calibration import fit_temperature, temperature_predictive
 from ..function import AdapterFn, lora_dropout_only, model_mode
 from ..predictive import Predictive
 from ..train import list_checkpoints, load_checkpoint
 from . import accepts, make_posterior, require_fitted
 
 
-def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, max_iter: int = 200) -> float:
-    """The temperature T minimising the NLL of ``softmax(logits / T)`` (LBFGS on log T, float64).
-
-    Args:
-        logits: validation logits ``[N, C]``.
-        labels: ``[N]``.
-    """
-    if logits.ndim != 2 or logits.shape[0] == 0:
-        raise ValueError(f"logits: expected a non-empty [N, C] tensor of validation logits, got {tuple(logits.shape)}.")
-    if labels.reshape(-1).shape[0] != logits.shape[0]:
-        raise ValueError(f"labels: expected {logits.shape[0]} labels, got {labels.numel()}.")
-    x = logits.detach().double().cpu()
-    y = labels.reshape(-1).long().cpu()
-    log_t = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(x / log_t.exp(), y)
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        opt.step(closure)
-    t = float(log_t.detach().exp())
-    if not (t > 0 and t < float("inf")):
-        raise ValueError(f"temperature: the fit diverged (T={t}); check the validation logits for NaN/inf.")
-    return t
-
-
 class TemperatureScaling:
-    """Temperature scaling (Guo et al., ICML 2017) on top of a base method's mean logits.
+    """Temperature scaling (Guo et al., ICML 2017) on top of a base method's model average.
 
     ``fit`` fits the base method, predicts the validation split with it and fits one scalar T by NLL
-    (:func:`fit_temperature`); ``predict`` returns ``Predictive.point(mean_logits / T)`` ``[1, B, C]``.
-    Accuracy is unchanged (T > 0 keeps the argmax of the mean logits).
+    (:func:`~bayeslora.calibration.fit_temperature`); ``predict`` returns the point predictive
+    ``log_softmax(log p̄ / T)`` ``[1, B, C]`` of the base method's model average ``p̄``. Accuracy is the base
+    method's (T > 0 keeps the argmax of ``p̄``); for ``base="map"`` this is ``softmax(logits / T)``.
 
     Args:
         base: the registered method whose mean logits are scaled (default ``"map"``; any method but
@@ -110,20 +83,20 @@ class TemperatureScaling:
             )
         self.base.fit(fn, loader, val_loader=val_loader)
         generator = torch.Generator(device=fn.device).manual_seed(0)
-        logits, labels = [], []
+        log_probs, labels = [], []
         for batch in val_loader:
             pred = self.base.predict(fn, batch, n_samples=self.n_samples, generator=generator)
-            logits.append(pred.mean_logits.detach().cpu())
+            log_probs.append(pred.log_probs.detach().cpu())
             labels.append(batch["labels"].cpu())
-        if not logits:
+        if not log_probs:
             raise ValueError("val_loader: the validation split is empty; temperature scaling needs examples to fit T.")
-        self.temperature = fit_temperature(torch.cat(logits), torch.cat(labels))
+        self.temperature = fit_temperature(torch.cat(log_probs), torch.cat(labels), where="method=temperature")
         return self
 
     def predict(self, fn: AdapterFn, batch, *, n_samples: int | None = None, generator=None) -> Predictive:
         t = require_fitted(self, "temperature")
         pred = self.base.predict(fn, batch, n_samples=n_samples or self.n_samples, generator=generator)
-        return Predictive.point(pred.mean_logits / t)
+        return temperature_predictive(pred, t)
 
     def config(self) -> dict[str, Any]:
         return {

@@ -98,7 +98,7 @@ class Ensemble:
         base_seed: int = 0,
         prior_precision: float | None = None,
         keep_on_device: bool = True,
-        include_current: bool = False,
+        include_current: bool = True,
         progress: bool = True,
     ):
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:

@@ -225,6 +225,9 @@ class DiagFactor:
 Factor = KronFactor | DiagFactor
 
 
+ORTHONORMAL_TOL = 1e-3  # float32 eigenbases of a few thousand rows are orthonormal to ~1e-5
+
+
 def factor_from_state(state: Mapping[str, Any], name: str) -> Factor:
     """Rebuild a factor from :meth:`KronFactor.state` / :meth:`DiagFactor.state`, checking it is PSD."""
     if state.get("type") == "diag":
@@ -241,6 +244,20 @@ def factor_from_state(state: Mapping[str, Any], name: str) -> Factor:
             raise ValueError(
                 f"{name}: Kronecker factor {side.upper()} is not positive semi-definite (eigenvalues must be finite "
                 f"and >= 0, got min {float(vals.min()) if vals.numel() else 0:.3g}); recompute it with fit()."
+            )
+        vecs = torch.as_tensor(state[f"{side}_vecs"])
+        if vecs.ndim != 2 or vecs.shape[1] != vals.numel():
+            raise ValueError(
+                f"{name}: Kronecker factor {side.upper()} eigenvectors have shape {tuple(vecs.shape)} for "
+                f"{vals.numel()} eigenvalues; expected [d, {vals.numel()}]. Recompute it with fit()."
+            )
+        gram = vecs.double().T @ vecs.double()
+        err = float((gram - torch.eye(gram.shape[0], dtype=torch.float64, device=gram.device)).abs().max()) if (
+            gram.numel()) else 0.0  # fmt: skip
+        if not err <= ORTHONORMAL_TOL:
+            raise ValueError(
+                f"{name}: Kronecker factor {side.upper()} eigenvectors are not orthonormal (max |UᵀU - I| = "
+                f"{err:.3g} > {ORTHONORMAL_TOL}); the state is corrupt or was edited. Recompute it with fit()."
             )
         out[f"{side}_vals"], out[f"{side}_vecs"] = vals, state[f"{side}_vecs"]
     return KronFactor(**out, g_error=float(state.get("g_error", 0.0)), a_error=float(state.get("a_error", 0.0)))

@@ -376,8 +376,19 @@ class Laplace:
             return
         if state["structure"] != self.structure:
             raise ValueError(f"state: saved with structure={state['structure']!r}; this one is {self.structure!r}.")
+        missing = [k for k in ("names", "values", "factors", "prior", "num_data", "loss") if k not in state]
+        if missing:
+            raise ValueError(f"state: fields {missing} are missing; pass a Laplace.state_dict().")
+        num_data = state["num_data"]
+        if isinstance(num_data, bool) or not isinstance(num_data, int) or num_data < 1:
+            raise ValueError(f"state['num_data']: expected the training-set size N >= 1, got {num_data!r}.")
+        if len(state["factors"]) != len(state["names"]):
+            raise ValueError(
+                f"state['factors']: {len(state['factors'])} factors for {len(state['names'])} layers; expected one "
+                "each."
+            )
         self.names = [list(n) for n in state["names"]]
         self.values = dict(state["values"])
-        self.factors = [factor_from_state(f, f"factor {i}") for i, f in enumerate(state["factors"])]
+        self.factors = [factor_from_state(f, f"state['factors'][{i}]") for i, f in enumerate(state["factors"])]
         self.prior = self._prior_vector(state["prior"])
-        self.num_data, self.loss = int(state["num_data"]), float(state["loss"])
+        self.num_data, self.loss = int(num_data), float(state["loss"])

@@ -60,6 +60,9 @@ from .vi_guides import (
 ELBOS = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO}
 NAMES = {"meanfield": "vi_meanfield", "lowrank": "vi_lowrank", "blob": "vi_blob"}
 FINAL_LR_FRACTION = 0.1  # ClippedAdam's lr decays geometrically to this fraction over a fit
+# Initial posterior std per guide (init_scale=None), chosen by validation NLL post hoc from a MiniLM SST-2 MAP
+# (paper/tables/minilm_vi_tuning.md) like the epochs / scale_lr defaults.
+INIT_SCALE = {"meanfield": 5e-2, "lowrank": 5e-2, "blob": 1e-2}
 
 
 class Variational:
@@ -68,7 +71,8 @@ class Variational:
     Args:
         guide: ``"meanfield"`` | ``"lowrank"`` | ``"blob"`` (fixed by the registry name).
         steps: SVI steps (None: ``epochs`` passes over the loader).
-        epochs: passes over the loader when ``steps`` is None (may be fractional).
+        epochs: passes over the loader when ``steps`` is None (may be fractional; default 5, chosen post hoc
+            from a MAP by validation NLL on MiniLM SST-2).
         lr: ClippedAdam learning rate (decays geometrically to 10% over the fit).
         scale_lr: learning rate of the guide's spread parameters (AutoNormal scales, the low-rank guide's
             scale and covariance factor, BLoB's G), None: ``lr``. Adam moves a parameter by about its
@@ -81,7 +85,8 @@ class Variational:
         kl_weight: β, the weight of the KL term (1: the ELBO).
         kl_warmup_steps: linear warm-up of β over this many steps (0: none).
         rank: rank of the low-rank guide's covariance factor (``"lowrank"`` only; must be given).
-        init_scale: initial posterior std of every Gaussian factor (capped at the prior std).
+        init_scale: initial posterior std of every Gaussian factor (capped at the prior std); None: the guide's
+            default (:data:`INIT_SCALE`).
         prior_precision: λ; the prior is N(μ₀, λ⁻¹ I) over the selected tensors.
         prior_mean: ``"zero"`` (μ₀ = 0) or ``"init"`` (μ₀ = the adapter at the start of the fit).
         flipout: BLoB's flipout estimator for the ``lora_A`` noise during training (``"blob"`` only).
@@ -100,15 +105,15 @@ class Variational:
         guide: str = "meanfield",
         *,
         steps: int | None = None,
-        epochs: float = 1.0,
+        epochs: float = 5.0,
         lr: float = 1e-3,
-        scale_lr: float | None = None,
+        scale_lr: float | None = 1e-2,
         num_particles: int = 1,
         elbo: str | None = None,
         kl_weight: float = 1.0,
         kl_warmup_steps: int = 0,
         rank: int | None = 8,
-        init_scale: float = 1e-3,
+        init_scale: float | None = None,
         prior_precision: float = 1.0,
         prior_mean: str = "zero",
         flipout: bool = True,
@@ -128,6 +133,7 @@ class Variational:
                 )
             positive("rank", rank, int)
         elbo = elbo if elbo is not None else ("meanfield" if guide == "blob" else "trace")
+        init_scale = INIT_SCALE[guide] if init_scale is None else init_scale
         if elbo not in ELBOS:
             raise ValueError(f"elbo: expected one of {sorted(ELBOS)} or None, got {elbo!r}.")
         if prior_mean not in ("zero", "init"):
@@ -337,7 +343,7 @@ class Variational:
 
     # ------------------------------------------------------------------ persistence
     def config(self) -> dict[str, Any]:
-        keys = ("steps", "epochs", "lr", "num_particles", "elbo", "kl_weight", "kl_warmup_steps", "rank",
+        keys = ("steps", "epochs", "lr", "scale_lr", "num_particles", "elbo", "kl_weight", "kl_warmup_steps", "rank",
                 "init_scale", "prior_precision", "prior_mean", "flipout", "n_samples", "likelihood", "noise_std",
                 "progress", "seed")  # fmt: skip
         return {"guide": self.guide_kind, **{k: getattr(self, k) for k in keys}}

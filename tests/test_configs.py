@@ -1,0 +1,81 @@
+"""One source of defaults: the Hydra method configs are the Python defaults; config() rebuilds every method."""
+
+import pytest
+from omegaconf import OmegaConf
+
+from bayeslora.posteriors import METHODS, accepts, make_posterior, method_defaults
+from bayeslora.run import _method_options, compose, config_dir
+
+METHOD_FILES = sorted(p.stem for p in (config_dir() / "method").glob("*.yaml"))
+
+
+def _wired(node, key) -> bool:
+    """An option wired to the run's top-level settings (``${seed}``, or a dict of such: the ensemble's train)."""
+    if OmegaConf.is_interpolation(node, key):
+        return True
+    return OmegaConf.is_dict(node[key]) and all(_wired(node[key], k) for k in node[key])
+
+
+def test_every_registered_method_has_a_config_and_back():
+    assert sorted(METHODS) == METHOD_FILES
+
+
+@pytest.mark.parametrize("method", METHOD_FILES)
+def test_method_config_equals_the_python_defaults(method):
+    cfg = compose(["experiment=smoke", f"method={method}"])
+    node = cfg.method
+    defaults = method_defaults(method)
+    assert node.name == method
+    extra = sorted(set(node) - set(defaults) - {"name"})
+    assert not extra, f"configs/method/{method}.yaml sets {extra}, which {method} does not take"
+    for key, default in defaults.items():
+        assert key in node, f"{method}: option {key} is missing from its config"
+        if _wired(node, key):
+            continue  # wired to the run's top-level settings (seed, progress, the MAP training options)
+        value = OmegaConf.to_container(node, resolve=True)[key]
+        assert value == default, f"{method}.{key}: the config says {value!r}, the Python default is {default!r}"
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_the_library_and_the_app_build_the_same_method(method):
+    cfg = OmegaConf.to_container(compose(["experiment=smoke", f"method={method}"]), resolve=True)
+    from_app = make_posterior(method, **_method_options(cfg))
+    from_python = make_posterior(method, **({"prior_precision": 1.0} if accepts(method, "prior_precision") else {}))
+    node = compose([f"method={method}"]).method
+    wired = {k for k in node if _wired(node, k)}
+    a = {k: v for k, v in from_app.config().items() if k not in wired}
+    b = {k: v for k, v in from_python.config().items() if k not in wired}
+    assert a == b
+
+
+# every option changed from its default, so that config() dropping any of them shows
+NON_DEFAULT = {
+    "map": {},
+    "kfac_laplace": {"backend": "own", "fisher": "mc", "mc_samples": 3, "kfac_approx": "expand", "rank": 4,
+                     "lowrank_threshold": 16, "predictive": "sampling", "n_samples": 7, "prior_precision": 2.5,
+                     "prior_fit": "val_nll", "prior_per_layer": True, "prior_grid": [1e-2, 1e2, 5], "chunk_size": 3,
+                     "seed": 4},
+    "vi_meanfield": {"steps": 11, "epochs": 2.0, "lr": 3e-3, "scale_lr": 5e-2, "num_particles": 2, "elbo": "meanfield",
+                     "kl_weight": 0.5, "kl_warmup_steps": 3, "rank": 3, "init_scale": 2e-2, "prior_precision": 4.0,
+                     "prior_mean": "init", "flipout": False, "n_samples": 5, "likelihood": "gaussian",
+                     "noise_std": 0.3, "progress": False, "seed": 9},
+    "ensemble": {"k": 3, "train": {"lr": 1e-2}, "seeds": [4, 5, 6], "base_seed": 2, "prior_precision": 3.0,
+                 "keep_on_device": False, "include_current": False, "progress": False},
+    "mc_dropout": {"n_samples": 4, "p": 0.2, "include_model_dropout": True},
+    "temperature": {"base": "mc_dropout", "base_options": {"n_samples": 3}, "n_samples": 3, "prior_precision": 2.0},
+    "checkpoint_ensemble": {"m": 2, "checkpoint_dir": "/tmp/ckpts"},
+}  # fmt: skip
+NON_DEFAULT["diag_laplace"] = NON_DEFAULT["last_layer_laplace"] = NON_DEFAULT["kfac_laplace"]
+NON_DEFAULT["vi_lowrank"] = NON_DEFAULT["vi_blob"] = NON_DEFAULT["vi_meanfield"]
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_config_rebuilds_an_equal_posterior(method):
+    options = NON_DEFAULT[method]
+    p = make_posterior(method, **options)
+    config = p.config()
+    missing = sorted(set(method_defaults(method)) - set(config))
+    assert not missing, f"{method}.config() drops {missing}: a saved posterior would forget them"
+    for key, value in options.items():
+        assert config[key] == value, f"{method}.config()[{key!r}] = {config[key]!r}, built with {value!r}"
+    assert make_posterior(method, **config).config() == config
