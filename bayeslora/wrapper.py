@@ -54,7 +54,9 @@ class BayesianLoRA:
             (``adapter_name``, ``include``, ``exclude``, ``include_head``, ``lora_tensors``).
         prior_precision: λ of the Gaussian prior; used as the MAP L2 in :meth:`fit_map` and passed to
             methods that take a prior precision. None: keep each side's own default.
-        autocast_dtype: ``"auto"`` (bf16 autocast on CUDA), None, or a dtype.
+        autocast_dtype: ``"auto"`` (compute in the base model's dtype: autocast to bf16 / fp16 on CUDA when its
+            weights are bf16 / fp16, none for fp32 weights, so ``dtype=float32`` computes in fp32), None (no
+            autocast), or a dtype (autocast to it on CUDA, e.g. bf16 compute over fp32 weights).
         **method_kwargs: options of the method.
     """
 
@@ -77,7 +79,7 @@ class BayesianLoRA:
         if not isinstance(params, AdapterParams):
             params = AdapterParams(model, **dict(params or {}))
         if autocast_dtype == "auto":
-            autocast_dtype = torch.bfloat16
+            autocast_dtype = compute_dtype(model)
         self.fn = AdapterFn(model, params, readout, autocast_dtype=autocast_dtype)
         self.prior_precision = prior_precision
         if isinstance(method, str):
@@ -240,6 +242,18 @@ class BayesianLoRA:
                     f"{state_file}: field 'values' ({name}) differs from the saved adapter's value; the posterior and "
                     f"{_ADAPTER}/ come from different fits. Save them together again with BayesianLoRA.save()."
                 )
+
+
+def compute_dtype(model: nn.Module) -> torch.dtype | None:
+    """The half dtype (bf16 / fp16) most of the model's base weights have, else None (fp32: no autocast)."""
+    counts: dict[torch.dtype, int] = {}
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and "lora_" not in name:
+            counts[p.dtype] = counts.get(p.dtype, 0) + p.numel()
+    if not counts:
+        return None
+    dtype = max(counts, key=counts.get)
+    return dtype if dtype in (torch.bfloat16, torch.float16) else None
 
 
 def _replace_dir(src: Path, dst: Path) -> None:

@@ -18,6 +18,7 @@ from bayeslora.posteriors.glm import mc_logits, probit
 from bayeslora.posteriors.kfac import DiagFactor, as_matrix
 from bayeslora.posteriors.laplace import Laplace
 from bayeslora.predictive import Predictive
+from bayeslora.run import compose
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "method"
 
@@ -277,7 +278,7 @@ def test_registry_names_configs_and_yaml():
         post = make_posterior(method, prior_precision=0.5)
         assert post.name == method and post.structure == structure and post.prior_precision == 0.5
         json.dumps(post.config())
-        cfg = OmegaConf.to_container(OmegaConf.load(CONFIGS / f"{method}.yaml"))
+        cfg = OmegaConf.to_container(compose([f"method={method}"]).method, resolve=True)
         assert cfg.pop("name") == method
         assert make_posterior(method, **cfg).config() == {**post.config(), "prior_precision": 1.0, **cfg}
         assert METHODS[method][1]["structure"] == structure
@@ -333,3 +334,19 @@ def test_zero_data_no_head_and_frozen_models():
         p.requires_grad_(False)
     frozen = Laplace().fit(fn, loader)
     assert frozen.log_marglik() == pytest.approx(ref.log_marglik())
+
+
+def test_probit_matches_a_monte_carlo_integral_at_unit_variance():
+    """E[softmax(f)] for f ~ N(μ, Σ) with one free logit (the other fixed at 0): the probit link's classic regime.
+    Variances 0.5-2 and logits up to ±4, where the constant matters (π/4 or π/16 instead of π/8: off by > 0.025)."""
+    mus = torch.tensor([-4.0, -2.0, -0.5, 1.0, 2.0, 4.0])
+    variances = torch.tensor([0.5, 1.0, 2.0])
+    mean = torch.stack([torch.zeros(18), mus.repeat_interleave(3)], -1)  # [B, 2]
+    cov = torch.zeros(18, 2, 2, dtype=torch.float64)
+    cov[:, 1, 1] = variances.repeat(6).double()
+    approx = torch.softmax(probit(mean, cov).double(), -1)[:, 1]
+    g = torch.Generator().manual_seed(0)
+    draws = mean[:, 1].double() + cov[:, 1, 1].sqrt() * torch.randn(400_000, 18, generator=g, dtype=torch.float64)
+    exact = torch.sigmoid(draws).mean(0)  # MC s.e. < 1e-3
+    assert float((approx - exact).abs().max()) < 1e-2  # π/8: 0.0071; π/4: 0.039, π/16: 0.029
+    assert float((approx - exact).abs().max()) > 1e-4  # an approximation, not the integral: the test can see it

@@ -112,3 +112,43 @@ def test_laplace_torch_backend_refuses_a_changed_adapter():
         next(iter(fn.params.tensors().values())).add_(1.0)
     with pytest.raises(ValueError, match="live adapter differs"):
         ref.predict(fn, next(iter(loader)))
+
+
+def padded_loader(n=16, batch_size=8, seed=0):
+    """The rows of fixed_length_loader, each cut to a random length and right-padded (pad id 0, mask 0)."""
+    base = [row for batch in fixed_length_loader(n, batch_size=n, seed=seed) for row in [batch]][0]
+    g = torch.Generator().manual_seed(seed + 1)
+    lengths = torch.randint(2, 8, (n,), generator=g)
+    rows = []
+    for i in range(n):
+        mask = (torch.arange(7) < lengths[i]).long()
+        rows.append({"input_ids": base["input_ids"][i] * mask, "attention_mask": mask, "labels": base["labels"][i]})
+    return DataLoader(rows, batch_size=batch_size)
+
+
+def test_padded_batches_enter_laplace_torchs_factors_not_ours():
+    """The own engine's factors do not depend on padding (they equal those of the same rows padded to a longer
+    length); laplace-torch's A factors take the pad activations in. The size of the difference is asserted."""
+    from bayeslora.posteriors.laplace_torch import PaddedBatchWarning, padded_fraction
+
+    fn, _ = tiny_fn("bert", r=2, include_head=False)
+    randomize_lora_b(fn, scale=0.3)
+    loader = padded_loader()
+    assert 0.2 < padded_fraction(loader) < 0.8
+    kw = {"structure": "kron", "prior_fit": "none", "prior_precision": 2.0, "kfac_approx": "reduce"}
+    own = Laplace(**kw).fit(fn, loader)
+    longer = DataLoader(  # the same rows with 5 more pad positions: the own factors must not move
+        [{**r, **{k: torch.cat([r[k], torch.zeros(5, dtype=torch.long)]) for k in ("input_ids", "attention_mask")}}
+         for b in loader for r in [dict(zip(b, vals)) for vals in zip(*b.values())]],
+        batch_size=8,
+    )  # fmt: skip
+    own_longer = Laplace(**kw).fit(fn, longer)
+    with pytest.warns(PaddedBatchWarning, match="padding"):
+        ref = Laplace(backend="laplace-torch", **kw).fit(fn, loader)
+    rel = []
+    for f, f_longer, (_, a_ref) in zip(own.factors, own_longer.factors, ref.lt.la.H_facs.kfacs):
+        a, a_longer = dense(f)[1], dense(f_longer)[1]
+        torch.testing.assert_close(a, a_longer, rtol=1e-5, atol=1e-6 * float(a.abs().max()))
+        rel.append(float((a_ref.double() - a).norm() / a.norm()))
+    print("laplace-torch vs own A factors on padded batches, relative Frobenius difference:", [f"{r:.3f}" for r in rel])
+    assert max(rel) > 0.05, rel  # pad activations make laplace-torch's A factors differ from ours

@@ -245,3 +245,22 @@ def test_hydra_method_configs_build_the_posterior(method):
     assert posterior.name == method and method in METHODS
     assert posterior.prior_precision == pytest.approx(float(cfg.prior_precision))
     assert math.isclose(posterior.prior_std, float(cfg.prior_precision) ** -0.5)
+
+
+def test_meanfield_over_two_minibatches_matches_the_full_data_optimum():
+    """The data term is scaled by N/B: fit on two alternating half-batches, the optimum is that of all N examples
+    (scaling by the batch alone would give the posterior of N/2 examples, sqrt(2) too wide)."""
+    n, steps = 64, 2000
+    fn, batch = conjugate_toy(n)
+    halves = [{k: v[i : i + n // 2] for k, v in batch.items()} for i in (0, n // 2)]
+    vi = Variational("meanfield", steps=steps, lr=0.05, scale_lr=None, likelihood="gaussian", noise_std=NOISE,
+                     prior_precision=LAM, init_scale=1e-2, progress=False, num_particles=2)  # fmt: skip
+    vi.bind(fn, n, total_steps=steps)
+    pyro.set_rng_seed(0)
+    for t in range(steps):
+        vi.step(fn, halves[t % 2])
+    mean, precision = exact_posterior(fn, batch)
+    mf_sd = precision.diagonal().rsqrt()
+    loc, scale = meanfield_moments(vi, fn)
+    assert float(((loc - mean) / mf_sd).abs().max()) < 0.35
+    torch.testing.assert_close(scale, mf_sd, rtol=0.15, atol=0)

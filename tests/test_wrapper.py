@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 from helpers import TokenDataset, tiny_fn
@@ -30,7 +32,23 @@ def test_fit_map_fit_predict_evaluate():
     assert preds.log_probs.shape == (48, 2) and torch.equal(
         preds.labels, torch.cat([b["labels"] for b in ds.loader(16)])
     )
-    assert m["nll"] == pytest.approx(preds.metrics()["nll"])
+    # an independent computation: the model's logits one example at a time, metrics by plain loops
+    rows = []
+    with torch.no_grad():
+        for b in ds.loader(1):
+            p = torch.softmax(bl.fn(None, b)[0].double(), -1).tolist()
+            rows.append((p, int(b["labels"][0])))
+    n = len(rows)
+    nll = sum(-math.log(p[y]) for p, y in rows) / n
+    acc = sum(max(range(2), key=lambda c, p=p: p[c]) == y for p, y in rows) / n
+    brier = sum(sum((p[c] - (c == y)) ** 2 for c in range(2)) for p, y in rows) / n
+    bins = [[] for _ in range(15)]
+    for p, y in rows:
+        conf = max(p)
+        bins[min(int(conf * 15 - 1e-12), 14)].append((conf, p.index(conf) == y))
+    ece = sum(abs(sum(c for c, _ in b) / len(b) - sum(h for _, h in b) / len(b)) * len(b) / n for b in bins if b)
+    assert m["nll"] == pytest.approx(nll, abs=1e-5) and m["acc"] == pytest.approx(acc)
+    assert m["brier"] == pytest.approx(brier, abs=1e-5) and m["ece"] == pytest.approx(ece, abs=1e-5)
 
 
 def test_predict_before_fit_is_a_clear_error():
@@ -82,3 +100,34 @@ def test_registry_fixed_options_cannot_be_contradicted():
     assert {"map", "temperature", "kfac_laplace", "vi_meanfield", "ensemble"} <= set(METHODS)
     with pytest.raises(ValueError, match="structure='kron' conflicts with the method"):
         make_posterior("diag_laplace", structure="kron")
+
+
+def test_float32_on_a_gpu_computes_in_float32_and_bf16_in_bf16(monkeypatch):
+    """The device check is mocked (no GPU here): AdapterFn autocasts on 'cuda' only to the model's half dtype."""
+    import contextlib
+
+    from bayeslora.function import AdapterFn
+    from bayeslora.models import LoraSpec, add_lora
+
+    calls = []
+
+    @contextlib.contextmanager
+    def fake_autocast(device_type, dtype=None, **kw):
+        calls.append((device_type, dtype))
+        yield
+
+    monkeypatch.setattr(torch, "autocast", fake_autocast)
+    monkeypatch.setattr(AdapterFn, "device", property(lambda self: torch.device("cuda")))
+    seen = {}
+    for dtype in ("float32", "bfloat16"):
+        model, _ = load_model("tiny-bert", device="cpu", dtype=dtype)  # what bayeslora-run loads for cfg.dtype
+        bl = BayesianLoRA(add_lora(model, LoraSpec(r=2)), SequenceClassificationLogits(2))
+        calls.clear()
+        with bl.fn._autocast():
+            pass
+        seen[dtype] = (bl.fn.autocast_dtype, list(calls))
+    assert seen["float32"] == (None, [])  # no autocast: fp32 compute
+    assert seen["bfloat16"] == (torch.bfloat16, [("cuda", torch.bfloat16)])
+    explicit = BayesianLoRA(add_lora(load_model("tiny-bert", device="cpu")[0], LoraSpec(r=2)),
+                            SequenceClassificationLogits(2), autocast_dtype=torch.bfloat16)  # fmt: skip
+    assert explicit.fn.autocast_dtype is torch.bfloat16

@@ -1,0 +1,46 @@
+"""An installable package: the wheel carries the Hydra configs, and bayeslora-run works outside the repository."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tomllib
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_the_package_list_covers_every_python_package_of_the_source_tree():
+    listed = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "bayeslora").rglob("__init__.py")}
+    assert listed == found | {"bayeslora.conf"}
+
+
+@pytest.mark.slow
+def test_a_non_editable_install_runs_the_smoke_experiment_from_any_directory(tmp_path):
+    wheels, target, work = tmp_path / "wheels", tmp_path / "site", tmp_path / "elsewhere"
+    work.mkdir()
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(REPO)], check=True)
+    wheel = next(wheels.glob("bayeslora-*.whl"))
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(target), str(wheel)], check=True)
+    assert (target / "bayeslora" / "conf" / "config.yaml").is_file()
+    assert (target / "bayeslora" / "conf" / "method" / "kfac_laplace.yaml").is_file()
+
+    env = {**os.environ, "PYTHONPATH": str(target), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    probe = "import bayeslora, bayeslora.run as r; print(bayeslora.__file__); print(r.config_dir())"
+    out = subprocess.run([sys.executable, "-c", probe], cwd=work, env=env, capture_output=True, text=True, check=True)
+    module, conf = out.stdout.split()
+    assert module.startswith(str(target)) and conf == str(target / "bayeslora" / "conf")
+    cmd = [
+        sys.executable,
+        "-m",
+        "bayeslora.run",
+        "experiment=smoke",
+        "results_dir=out",
+        "eval.reliability_diagram=false",
+    ]
+    done = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
+    assert list((work / "out").rglob("metrics.json")) and "| map " in done.stdout
