@@ -157,8 +157,8 @@ class LaplaceTorch:
         if padded > 0:
             warnings.warn(
                 f"backend='laplace-torch': {100 * padded:.1f}% of the training positions are padding, and "
-                "laplace-torch includes pad-token activations in its K-FAC factors (the own engine does not); its posterior then "
-                "differs from backend='own'. Use fixed-length batches for an oracle comparison.",
+                "laplace-torch includes pad-token activations in its K-FAC factors (the own engine does not); its "
+                "posterior then differs from backend='own'. Use fixed-length batches for an oracle comparison.",
                 PaddedBatchWarning,
                 stacklevel=3,
             )
