@@ -109,7 +109,9 @@ class Predictions:
         labels: ``[N]``.
         mean_logits: mean logit samples ``[N, C]``.
         entropy: predictive entropy ``[N]``.
-        mutual_information: ``[N]``.
+        mutual_information: the epistemic score ``[N]`` (identically 0 for a point predictor).
+        has_epistemic: whether the method has an epistemic score (False for point predictors: MAP, temperature
+            scaling), so OOD detection by MI is reported only where it is defined.
     """
 
     log_probs: torch.Tensor
@@ -117,6 +119,7 @@ class Predictions:
     mean_logits: torch.Tensor
     entropy: torch.Tensor
     mutual_information: torch.Tensor
+    has_epistemic: bool = True
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -127,6 +130,7 @@ class Predictions:
             mean_logits=pred.mean_logits.float().cpu(),
             entropy=pred.entropy.cpu(),
             mutual_information=pred.mutual_information.cpu(),
+            has_epistemic=pred.has_epistemic,
         )
 
     @classmethod
@@ -134,17 +138,18 @@ class Predictions:
         parts = list(parts)
         if not parts:
             raise ValueError("parts: expected at least one batch of predictions; the evaluation loader was empty.")
-        return cls(**{k: torch.cat([getattr(p, k) for p in parts]) for k in _TENSOR_FIELDS})
+        tensors = {k: torch.cat([getattr(p, k) for p in parts]) for k in _TENSOR_FIELDS}
+        return cls(**tensors, has_epistemic=all(p.has_epistemic for p in parts))
 
     def metrics(self, n_bins: int = ECE_BINS) -> dict[str, float]:
         return classification_metrics(self.log_probs, self.labels, n_bins=n_bins)
 
     def state_dict(self) -> dict:
-        return {k: getattr(self, k) for k in _TENSOR_FIELDS}
+        return {**{k: getattr(self, k) for k in _TENSOR_FIELDS}, "has_epistemic": self.has_epistemic}
 
     @classmethod
     def from_state_dict(cls, state: Mapping) -> Predictions:
-        return cls(**{k: state[k] for k in _TENSOR_FIELDS})
+        return cls(**{k: state[k] for k in _TENSOR_FIELDS}, has_epistemic=bool(state.get("has_epistemic", True)))
 
 
 _TENSOR_FIELDS = ("log_probs", "labels", "mean_logits", "entropy", "mutual_information")

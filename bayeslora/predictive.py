@@ -5,6 +5,11 @@ closed-form predictives such as the probit approximation, which return adjusted 
 Bayesian model average is taken in probability space and in float64:
 
     log p(y | x) = logsumexp_s log_softmax(f_s(x))_y - log S.
+
+The epistemic score is the mutual information between the label and the weights, ``H[E_s p_s] - E_s H[p_s]``,
+from the samples; a closed-form predictive that returns one adjusted-logit sample (the GLM probit) passes the
+MI of its own Gaussian over the logits as ``epistemic`` instead. A point estimate without one has no
+epistemic score (:attr:`Predictive.has_epistemic` is False; its MI is identically 0).
 """
 
 from __future__ import annotations
@@ -22,9 +27,12 @@ class Predictive:
 
     Attributes:
         logits: class-logit samples ``[S, B, C]``.
+        epistemic: optional per-example epistemic score ``[B]`` (mutual information) of a closed-form predictive
+            whose uncertainty is not in its samples (the GLM probit's one adjusted-logit sample).
     """
 
     logits: torch.Tensor
+    epistemic: torch.Tensor | None = None
 
     def __post_init__(self):
         if not torch.is_tensor(self.logits) or self.logits.ndim != 3:
@@ -32,11 +40,16 @@ class Predictive:
             raise ValueError(f"logits: expected a tensor [S, B, C], got {shape}; use logits.unsqueeze(0) for S=1.")
         if self.logits.shape[0] < 1 or self.logits.shape[-1] < 2:
             raise ValueError(f"logits: expected S >= 1 and C >= 2, got shape {tuple(self.logits.shape)}.")
+        if self.epistemic is not None and tuple(self.epistemic.shape) != (self.logits.shape[1],):
+            raise ValueError(
+                f"epistemic: expected one score per example [{self.logits.shape[1]}], got "
+                f"{tuple(self.epistemic.shape)}."
+            )
 
     @classmethod
-    def point(cls, logits: torch.Tensor) -> Predictive:
-        """A point-estimate predictive from logits ``[B, C]``."""
-        return cls(logits.unsqueeze(0))
+    def point(cls, logits: torch.Tensor, epistemic: torch.Tensor | None = None) -> Predictive:
+        """A point-estimate predictive from logits ``[B, C]`` (``epistemic``: its score, if it has one)."""
+        return cls(logits.unsqueeze(0), epistemic)
 
     @classmethod
     def cat(cls, parts: Sequence[Predictive]) -> Predictive:
@@ -46,7 +59,9 @@ class Predictive:
         sizes = {p.num_samples for p in parts}
         if len(sizes) != 1:
             raise ValueError(f"parts: all predictives must have the same number of samples S, got {sorted(sizes)}.")
-        return cls(torch.cat([p.logits for p in parts], dim=1))
+        scores = [p.epistemic for p in parts]
+        epistemic = torch.cat(scores) if all(e is not None for e in scores) else None
+        return cls(torch.cat([p.logits for p in parts], dim=1), epistemic)
 
     @property
     def num_samples(self) -> int:
@@ -85,9 +100,16 @@ class Predictive:
         return -(lp.exp() * lp).sum(-1).mean(0)
 
     @property
+    def has_epistemic(self) -> bool:
+        """Whether the predictive carries an epistemic score (several samples, or a closed-form ``epistemic``)."""
+        return self.epistemic is not None or self.num_samples > 1
+
+    @property
     def mutual_information(self) -> torch.Tensor:
-        """Epistemic part: entropy - expected entropy ``[B]`` (>= 0 up to rounding; 0 for S=1)."""
+        """Epistemic part: entropy - expected entropy ``[B]`` (>= 0 up to rounding; 0 for S=1), or ``epistemic``."""
+        if self.epistemic is not None:
+            return self.epistemic.double()
         return (self.entropy - self.expected_entropy).clamp_min(0.0)
 
     def to(self, device) -> Predictive:
-        return Predictive(self.logits.to(device))
+        return Predictive(self.logits.to(device), None if self.epistemic is None else self.epistemic.to(device))

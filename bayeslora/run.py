@@ -35,7 +35,7 @@ from .data import build_task, make_loader
 from .io import load_torch, save_json, save_torch
 from .metrics import Predictions
 from .models import LoraSpec, add_lora, load_model, load_tokenizer, locate
-from .ood import ood_report, predict_ood
+from .ood import ood_report, predict_ood, prepare_ood
 from .posteriors import accepts
 from .results import digest, identity_mismatch, map_identity, run_id, run_identity, setting_id
 from .sweep import file_lock, remove_stale_temporaries, run_device
@@ -152,45 +152,14 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _execute(cfg: dict[str, Any], run_dir: Path, metrics_path: Path, identity: dict[str, Any]) -> dict[str, Any]:
+    """The stages of a run: data (and every OOD set, checked before any training) -> model -> MAP -> posterior ->
+    predictions -> the record, written last."""
     t0 = time.perf_counter()
     seed = int(cfg["seed"])
-    mcfg, dcfg = cfg["model"], cfg["data"]
-
-    tokenizer = load_tokenizer(locate(mcfg["name"]), mcfg["format"])
-    task = build_task(
-        dcfg["task"],
-        tokenizer,
-        format=mcfg["format"],
-        root=dcfg.get("root"),
-        max_length=dcfg["max_length"],
-        max_train=dcfg.get("max_train"),
-        max_eval=dcfg.get("max_eval"),
-        val_size=dcfg["val_size"],
-        seed=seed,
-        **dict(dcfg.get("options") or {}),
-    )
-    model, tokenizer = load_model(
-        mcfg["name"],
-        format=mcfg["format"],
-        num_labels=task.num_classes,
-        dtype=cfg["dtype"],
-        device=cfg["device"],
-        seed=seed,
-    )
-    lcfg = cfg["lora"]
-    peft_model = add_lora(
-        model,
-        LoraSpec(
-            r=lcfg["r"],
-            alpha=lcfg["alpha"],
-            dropout=lcfg["dropout"],
-            target_modules=mcfg.get("target_modules"),
-            modules_to_save=lcfg.get("modules_to_save"),
-            seed=seed,
-        ),
-        format=mcfg["format"],
-    )
-    bl = BayesianLoRA(peft_model, task.readout, cfg["method"]["name"], params=cfg["params"], **_method_options(cfg))
+    tokenizer = load_tokenizer(locate(cfg["model"]["name"]), cfg["model"]["format"])
+    task = _build_task(cfg, tokenizer)
+    ood_sets = _prepare_ood(cfg, tokenizer, task)
+    bl = _build_model(cfg, task)
     train_loader = make_loader(task.train, tokenizer, batch_size=cfg["train"]["batch_size"], shuffle=True, seed=seed)
     eval_bs = cfg["eval"]["batch_size"]
     loaders = {
@@ -216,39 +185,15 @@ def _execute(cfg: dict[str, Any], run_dir: Path, metrics_path: Path, identity: d
         t = time.perf_counter()
         preds[split] = bl.predictions(loaders[split], n_samples=cfg["eval"]["n_samples"], seed=seed)
         timings[f"predict_{split}_s"] = time.perf_counter() - t
-    ood_sets, ood_info = cfg["eval"].get("ood") or {}, {}
+    ood_preds, ood_info = {}, {}
     if ood_sets:
         t = time.perf_counter()
         ood_preds, ood_info = predict_ood(
-            bl,
-            tokenizer,
-            ood_sets,
-            data_cfg=dcfg,
-            format=mcfg["format"],
-            num_classes=task.num_classes,
-            batch_size=eval_bs,
-            n_samples=cfg["eval"]["n_samples"],
-            seed=seed,
+            bl, tokenizer, ood_sets, batch_size=eval_bs, n_samples=cfg["eval"]["n_samples"], seed=seed
         )
         timings["predict_ood_s"] = time.perf_counter() - t
 
-    result: dict[str, Any] = {
-        "task": dcfg["task"],
-        "data": dcfg["name"],
-        "model": mcfg["name"],
-        "method": cfg["method"]["name"],
-        "method_label": cfg["method_label"],
-        "seed": seed,
-        "prior_precision": cfg["prior_precision"],
-        "num_classes": task.num_classes,
-        "num_train": len(task.train),
-        "num_validation": len(task.validation),
-        "num_test": len(task.test),
-        "data_info": task.info,
-        "map": map_info,
-        "splits": {s: p.metrics() for s, p in preds.items()},
-        "label_counts": {s: p.labels.bincount(minlength=task.num_classes).tolist() for s, p in preds.items()},
-    }
+    result = _record(cfg, task, map_info, preds)
     if cfg["eval"]["temperature_row"]:  # T scales the method's model-average log-probabilities: its argmax stays
         temp = fit_temperature(preds["validation"].log_probs, preds["validation"].labels, where="eval.temperature_row")
         result["temperature"] = temp
@@ -264,24 +209,95 @@ def _execute(cfg: dict[str, Any], run_dir: Path, metrics_path: Path, identity: d
     result.update({k: result["splits"][main_split][k] for k in (*METRIC_KEYS, "aurc")})
     save_torch({s: p.state_dict() for s, p in preds.items()}, run_dir / "predictions.pt")
     if cfg["eval"]["reliability_diagram"]:
-        from .plots import reliability_diagram
-
-        shown = {cfg["method_label"]: preds[main_split]}
-        if f"{main_split}_ts" in preds:
-            shown[cfg["method_label"] + TS_SUFFIX] = preds[f"{main_split}_ts"]
-        title = f"{dcfg['name']} / {mcfg['name']} / {main_split} (seed {seed})"
-        result["reliability_diagram"] = str(reliability_diagram(shown, run_dir / "reliability.png", title=title))
+        result["reliability_diagram"] = _reliability(cfg, preds, main_split, run_dir)
     timings["total_s"] = time.perf_counter() - t0
-    result["timings"] = timings
-    result["device"] = str(bl.fn.device)
-    result["run_dir"] = str(run_dir)
-    result["config"] = cfg
-    result["identity"] = identity
-    result["run_id"] = run_id(identity)
-    result["setting_id"] = setting_id(identity)
-    result["bayeslora_version"] = _version()
+    result.update(timings=timings, device=str(bl.fn.device), run_dir=str(run_dir), config=cfg, identity=identity)
+    result.update(run_id=run_id(identity), setting_id=setting_id(identity), bayeslora_version=_version())
     save_json(result, metrics_path)
     return result
+
+
+def _build_task(cfg: Mapping[str, Any], tokenizer):
+    dcfg = cfg["data"]
+    return build_task(
+        dcfg["task"],
+        tokenizer,
+        format=cfg["model"]["format"],
+        root=dcfg.get("root"),
+        max_length=dcfg["max_length"],
+        max_train=dcfg.get("max_train"),
+        max_eval=dcfg.get("max_eval"),
+        val_size=dcfg["val_size"],
+        seed=int(cfg["seed"]),
+        **dict(dcfg.get("options") or {}),
+    )
+
+
+def _prepare_ood(cfg: Mapping[str, Any], tokenizer, task) -> dict:
+    sets = cfg["eval"].get("ood") or {}
+    if not sets:
+        return {}
+    return prepare_ood(
+        tokenizer,
+        sets,
+        data_cfg=cfg["data"],
+        format=cfg["model"]["format"],
+        num_classes=task.num_classes,
+        seed=int(cfg["seed"]),
+    )
+
+
+def _build_model(cfg: Mapping[str, Any], task) -> BayesianLoRA:
+    mcfg, lcfg, seed = cfg["model"], cfg["lora"], int(cfg["seed"])
+    model, _ = load_model(
+        mcfg["name"],
+        format=mcfg["format"],
+        num_labels=task.num_classes,
+        dtype=cfg["dtype"],
+        device=cfg["device"],
+        seed=seed,
+    )
+    spec = LoraSpec(
+        r=lcfg["r"],
+        alpha=lcfg["alpha"],
+        dropout=lcfg["dropout"],
+        target_modules=mcfg.get("target_modules"),
+        modules_to_save=lcfg.get("modules_to_save"),
+        seed=seed,
+    )
+    peft_model = add_lora(model, spec, format=mcfg["format"])
+    return BayesianLoRA(peft_model, task.readout, cfg["method"]["name"], params=cfg["params"], **_method_options(cfg))
+
+
+def _record(cfg: Mapping[str, Any], task, map_info: dict, preds: Mapping[str, Predictions]) -> dict[str, Any]:
+    dcfg, mcfg = cfg["data"], cfg["model"]
+    return {
+        "task": dcfg["task"],
+        "data": dcfg["name"],
+        "model": mcfg["name"],
+        "method": cfg["method"]["name"],
+        "method_label": cfg["method_label"],
+        "seed": int(cfg["seed"]),
+        "prior_precision": cfg["prior_precision"],
+        "num_classes": task.num_classes,
+        "num_train": len(task.train),
+        "num_validation": len(task.validation),
+        "num_test": len(task.test),
+        "data_info": task.info,
+        "map": map_info,
+        "splits": {s: p.metrics() for s, p in preds.items()},
+        "label_counts": {s: p.labels.bincount(minlength=task.num_classes).tolist() for s, p in preds.items()},
+    }
+
+
+def _reliability(cfg: Mapping[str, Any], preds: Mapping[str, Predictions], main_split: str, run_dir: Path) -> str:
+    from .plots import reliability_diagram
+
+    shown = {cfg["method_label"]: preds[main_split]}
+    if f"{main_split}_ts" in preds:
+        shown[cfg["method_label"] + TS_SUFFIX] = preds[f"{main_split}_ts"]
+    title = f"{cfg['data']['name']} / {cfg['model']['name']} / {main_split} (seed {cfg['seed']})"
+    return str(reliability_diagram(shown, run_dir / "reliability.png", title=title))
 
 
 def _version() -> str:

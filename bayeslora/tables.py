@@ -223,8 +223,15 @@ def _cells(table) -> Iterable[Cell]:
     return (c for k, mt in table.items() if k != "_references" for row in mt.values() for c in row.values())
 
 
-def footnotes(table, methods: Sequence[str], datasets: Sequence[str]) -> list[str]:
-    """The notes under a table: chance marker, constant-predictor references, seed counts, TS rows."""
+MI_NOTE = (
+    "OOD AUROC, MI: the epistemic score, the mutual information between label and weights, from each method's "
+    "predictive samples (the GLM probit predictive: from its Gaussian over the logits); – for a point predictor "
+    "(MAP, temperature scaling, + TS rows), which has none."
+)
+
+
+def footnotes(table, methods: Sequence[str], datasets: Sequence[str], metrics: Sequence[str] = ()) -> list[str]:
+    """The notes under a table: chance marker, constant-predictor references, seed counts, TS rows, MI."""
     notes, max_n = [], _max_n(table)
     if any(c.chance for c in _cells(table)):
         notes.append(
@@ -240,6 +247,8 @@ def footnotes(table, methods: Sequence[str], datasets: Sequence[str]) -> list[st
         notes.append(f"(n=k): mean over k seeds only (the other cells: {max_n}).")
     if any(m.endswith(TS_SUFFIX) for m in methods):
         notes.append(TS_NOTE)
+    if "auroc_mi" in metrics:
+        notes.append(MI_NOTE)
     return notes
 
 
@@ -269,7 +278,7 @@ def markdown(table, methods, datasets, metrics: Sequence[str]) -> str:
                 cells.append(s)
             out.append(f"| {m} | " + " | ".join(cells) + " |")
         out.append("")
-    out.extend(footnotes(table, methods, datasets))
+    out.extend(footnotes(table, methods, datasets, metrics))
     return "\n".join(out) + "\n"
 
 

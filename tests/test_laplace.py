@@ -350,3 +350,19 @@ def test_probit_matches_a_monte_carlo_integral_at_unit_variance():
     exact = torch.sigmoid(draws).mean(0)  # MC s.e. < 1e-3
     assert float((approx - exact).abs().max()) < 1e-2  # π/8: 0.0071; π/4: 0.039, π/16: 0.029
     assert float((approx - exact).abs().max()) > 1e-4  # an approximation, not the integral: the test can see it
+
+
+def test_glm_probit_reports_the_mutual_information_of_its_logit_gaussian():
+    """The probit predictive is one adjusted-logit sample, but its epistemic score is the MI of N(f_μ, f_Σ):
+    checked against 200k Monte Carlo logit samples of the same Gaussian."""
+    fn, _ = tiny_fn("bert", r=2)
+    randomize_lora_b(fn, 1.0)
+    ds = TokenDataset(32, seed=3)
+    la = Laplace(prior_fit="none", prior_precision=0.05).fit(fn, ds.loader(8))
+    batch = next(iter(ds.loader(8)))
+    pred = la.predict(fn, batch, generator=torch.Generator().manual_seed(0))
+    assert pred.num_samples == 1 and pred.has_epistemic
+    mean, cov = la.glm_moments(fn, batch)
+    reference = Predictive(mc_logits(mean, cov, 200_000, torch.Generator().manual_seed(1))).mutual_information
+    assert float(reference.min()) > 1e-3  # the toy has real epistemic uncertainty
+    torch.testing.assert_close(pred.mutual_information, reference, rtol=0.15, atol=2e-3)

@@ -9,7 +9,7 @@ import torch
 
 from bayeslora.calibration import temperature_scaled
 from bayeslora.metrics import Predictions, ood_auroc
-from bayeslora.ood import ood_metrics, ood_report, predict_ood
+from bayeslora.ood import ood_metrics, ood_report, prepare_ood
 from bayeslora.predictive import Predictive
 from bayeslora.run import compose, run
 from bayeslora.tables import make_tables
@@ -40,9 +40,11 @@ def test_ood_metrics_match_naive_references():
     assert m["n"] == 30
     for k, v in p_out.metrics().items():
         assert m[k] == pytest.approx(v)
-    # point predictions: MI is zero everywhere, so it cannot tell the sets apart
+    # point predictions have no epistemic score: no MI AUROC (not a constant 0.5)
     point = ood_metrics(_preds(20, 4, 2), _preds(20, 4, 3))
-    assert point["auroc_mi"] == pytest.approx(0.5)
+    assert "auroc_mi" not in point and "auroc_entropy" in point
+    flat = _preds(20, 4, 2, samples=3, scale=0.0)  # samples that agree exactly: MI constant 0, cannot rank
+    assert "auroc_mi" not in ood_metrics(flat, _preds(20, 4, 3, samples=3, scale=0.0))
     with pytest.raises(ValueError, match="expected 4 classes"):
         ood_metrics(p_in, _preds(10, 2, 4))
 
@@ -61,17 +63,30 @@ def test_temperature_scaled_and_report():
     assert set(ood_report(in_dist, {"arc": p}, "test", None)[0]) == {"arc"}
 
 
-def test_ood_config_errors():
+def test_ood_config_errors(tmp_path):
     data_cfg = {"root": None, "max_length": 64, "max_eval": 8}
-    kw = {"data_cfg": data_cfg, "format": "mc", "num_classes": 4, "batch_size": 8}
+    kw = {"data_cfg": data_cfg, "format": "mc", "num_classes": 4}
     with pytest.raises(TypeError, match=r"eval.ood.arc: unexpected key\(s\) \['subjects'\]"):
-        predict_ood(None, None, {"arc": {"subjects": ["x"]}}, **kw)
+        prepare_ood(None, {"arc": {"subjects": ["x"]}}, **kw)
     with pytest.raises(TypeError, match="eval.ood: expected a mapping"):
-        predict_ood(None, None, ["arc_easy"], **kw)
+        prepare_ood(None, ["arc_easy"], **kw)
+    with pytest.raises(FileNotFoundError, match="eval.ood.mine.path: no file"):
+        prepare_ood(None, {"mine": {"path": str(tmp_path / "missing.txt")}}, **kw)
+    with pytest.raises(TypeError, match="eval.ood.mine: 'path' .* cannot be combined"):
+        prepare_ood(None, {"mine": {"path": "x.txt", "task": "arc_easy"}}, **kw)
 
 
 def _ood_run(tmp_path, root, *extra):
     return run(compose(["experiment=ood_cpu", f"data.root={root}", f"results_dir={tmp_path}", *extra]))
+
+
+def _ood_run_with(tmp_path, root, sets, *extra):
+    from omegaconf import open_dict
+
+    cfg = compose(["experiment=ood_cpu", f"data.root={root}", f"results_dir={tmp_path}", *extra])
+    with open_dict(cfg):
+        cfg.eval.ood = sets
+    return run(cfg)
 
 
 def test_run_evaluates_shifted_sets_and_builds_the_ood_table(tmp_path, shared_data):
@@ -114,3 +129,27 @@ def test_auroc_keeps_score_differences_below_float32_resolution():
     score_in = math.log(4) + torch.arange(6, dtype=torch.float64) * 1e-12  # all equal in float32
     score_out = math.log(4) + torch.tensor([0.5, 1.5, 2.5], dtype=torch.float64) * 1e-12
     assert ood_auroc(score_in, score_out) == pytest.approx(_naive_auroc(score_in, score_out), abs=1e-6)
+
+
+def test_unlabelled_text_files_give_detection_metrics(tmp_path, shared_data):
+    rows = [json.loads(line) for line in (shared_data / "mmlu" / "test.jsonl").read_text().splitlines()[:12]]
+    (tmp_path / "mine.txt").write_text("\n".join(r["question"] for r in rows) + "\n")
+    (tmp_path / "mine.jsonl").write_text("\n".join(json.dumps({"body": r["question"]}) for r in rows) + "\n")
+    sets = {"txt": {"path": f"{tmp_path}/mine.txt"}, "js": {"path": f"{tmp_path}/mine.jsonl", "text_field": "body"}}
+    result = _ood_run_with(tmp_path / "r", shared_data, sets, "method=kfac_laplace")
+    for name in ("txt", "js"):
+        m = result["ood"][name]
+        assert m["n"] == 12 and 0.0 <= m["auroc_entropy"] <= 1.0 and "acc" not in m and "nll" not in m
+        assert "auroc_mi" in m  # the GLM probit predictive has an epistemic score
+        assert result["ood_info"]["sets"][name]["labelled"] is False
+    assert result["ood"]["txt"]["auroc_entropy"] == pytest.approx(result["ood"]["js"]["auroc_entropy"])
+    md = make_tables(tmp_path / "r", layout="ood")["md"]
+    assert "| kfac_laplace | – | " in md.split("**ACC (%) ↑**")[1] and "mutual information" in md
+
+
+def test_a_bad_ood_entry_fails_before_any_training(tmp_path, shared_data):
+    with pytest.raises(ValueError, match="eval.ood.nope: .*unknown task 'nope'"):
+        _ood_run_with(tmp_path, shared_data, {"nope": {}}, "method=map")
+    with pytest.raises(ValueError, match="eval.ood.rte: task 'rte' has 2 classes"):
+        _ood_run_with(tmp_path, shared_data, {"rte": {}}, "method=map")
+    assert not list(tmp_path.rglob("map.pt")) and not list(tmp_path.rglob("metrics.json"))  # nothing was trained

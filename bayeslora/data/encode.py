@@ -14,7 +14,7 @@ from typing import Any
 import datasets
 
 from .normalize import Record
-from .prompts import mc_prompt, seq_cls_texts
+from .prompts import ANSWER_CUE, mc_prompt, seq_cls_texts
 
 FORMATS = ("seq_cls", "mc")
 PADDING_SIDE = {"seq_cls": "right", "mc": "left"}
@@ -98,4 +98,33 @@ def encode(
     )
     return datasets.Dataset.from_dict(
         {**columns, "labels": [r["label"] for r in records]}, features=features, info=info, split=split
+    )
+
+
+UNLABELLED = -1  # the label of every row of an unlabelled set (OOD detection only)
+
+
+def encode_texts(texts: Sequence[str], tokenizer: Any, *, format: str, max_length: int, name: str) -> datasets.Dataset:
+    """Tokenize unlabelled texts (labels :data:`UNLABELLED`): ``seq_cls`` as single texts, ``mc`` as
+    ``"<text>\nAnswer:"`` (truncated from the left so the cue survives), so the model's readout applies unchanged."""
+    if format not in FORMATS:
+        raise ValueError(f"format: expected one of {list(FORMATS)}, got {format!r}.")
+    if format == "mc":
+        with truncating_left(tokenizer):
+            enc = tokenizer([f"{t}\n{ANSWER_CUE}" for t in texts], truncation=True, max_length=max_length)
+    else:
+        enc = tokenizer(list(texts), truncation=True, max_length=max_length)
+    columns = {k: enc[k] for k in _COLUMN_TYPES if k in enc}
+    features = datasets.Features(
+        {
+            **{k: datasets.Sequence(datasets.Value(_COLUMN_TYPES[k])) for k in columns},
+            "labels": datasets.Value("int64"),
+        }
+    )
+    info = datasets.DatasetInfo(
+        description=f"bayeslora unlabelled set {name!r}, format {format!r}", dataset_name=name, config_name=format,
+        features=features,
+    )  # fmt: skip
+    return datasets.Dataset.from_dict(
+        {**columns, "labels": [UNLABELLED] * len(texts)}, features=features, info=info, split="test"
     )

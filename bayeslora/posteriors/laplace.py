@@ -51,6 +51,7 @@ PREDICTIVES = ("glm_probit", "glm_mc", "sampling")
 PRIOR_FITS = ("none", "marglik", "val_nll")
 BACKENDS = ("own", "laplace-torch")
 DEFAULT_SAMPLES = {"glm_probit": 1, "glm_mc": 1000, "sampling": 32}
+EPISTEMIC_SAMPLES = 512  # logit samples of the GLM Gaussian for the probit predictive's mutual information
 PRIOR_BOUNDS = (1e-8, 1e8)
 
 
@@ -307,13 +308,22 @@ class Laplace:
         """Predictive for one batch: probit logits ``[1, B, C]`` or logit samples ``[S, B, C]``."""
         require_fitted(self, "factors")
         if self.lt is not None:
-            return self.lt.predict(fn, batch, self._samples(n_samples), generator)
+            pred = self.lt.predict(fn, batch, self._samples(n_samples), generator)
+            if self.predictive != "glm_probit":
+                return pred
+            return Predictive(pred.logits, self._epistemic(*self.glm_moments(fn, batch), generator))
         if self.predictive == "sampling":
             return self._predict_sampling(fn, batch, self._samples(n_samples), generator)
         mean, cov = self.glm_moments(fn, batch)
         if self.predictive == "glm_probit":
-            return Predictive.point(probit(mean, cov))
+            return Predictive.point(probit(mean, cov), self._epistemic(mean, cov, generator))
         return Predictive(mc_logits(mean, cov, self._samples(n_samples), generator))
+
+    def _epistemic(self, mean: torch.Tensor, cov: torch.Tensor, generator) -> torch.Tensor:
+        """The mutual information of the GLM Gaussian over the logits (:data:`EPISTEMIC_SAMPLES` MC samples)."""
+        if generator is None:
+            generator = torch.Generator(device=mean.device).manual_seed(self.seed)
+        return Predictive(mc_logits(mean, cov, EPISTEMIC_SAMPLES, generator)).mutual_information
 
     def sample(self, fn: AdapterFn, n_samples: int, generator=None) -> list[dict[str, torch.Tensor]]:
         """Weight samples ``θ* + P^{-1/2} ε`` (all adapter tensors; non-random ones at the MAP)."""
