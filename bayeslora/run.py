@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,6 +32,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from .calibration import fit_temperature, temperature_scaled
+from .config_check import check_run_config
 from .data import build_task, make_loader
 from .io import load_torch, save_json, save_torch
 from .metrics import Predictions
@@ -105,7 +107,12 @@ def _fit_map(bl: BayesianLoRA, cfg: Mapping[str, Any], loader, ckpt_dir: Path, c
         state = load_torch(cache / "map.pt")
         load_trained(bl.fn, state["values"], argument="MAP cache")
         return {**state["train"], "cached": True}, ckpt_dir
-    result: TrainResult = bl.fit_map(loader, _train_config(cfg, ckpt_dir, len(loader)))
+    try:
+        result: TrainResult = bl.fit_map(loader, _train_config(cfg, ckpt_dir, len(loader)))
+    except BaseException:
+        if cache is not None:  # a failed training leaves nothing in the shared cache (its checkpoints included)
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+        raise
     info = {
         "steps": result.steps,
         "seconds": result.seconds,
@@ -136,6 +143,7 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     recomputes. Temporary files an interrupted attempt left in the run directory are removed first.
     """
     cfg = _plain(cfg)
+    check_run_config(cfg)
     run_dir = Path(cfg["run_dir"])
     metrics_path = run_dir / "metrics.json"
     identity = run_identity(cfg)
@@ -229,6 +237,7 @@ def _build_task(cfg: Mapping[str, Any], tokenizer):
         max_eval=dcfg.get("max_eval"),
         val_size=dcfg["val_size"],
         seed=int(cfg["seed"]),
+        answers=dcfg.get("answers"),
         **dict(dcfg.get("options") or {}),
     )
 
@@ -261,7 +270,7 @@ def _build_model(cfg: Mapping[str, Any], task) -> BayesianLoRA:
         r=lcfg["r"],
         alpha=lcfg["alpha"],
         dropout=lcfg["dropout"],
-        target_modules=mcfg.get("target_modules"),
+        target_modules=lcfg.get("target_modules"),
         modules_to_save=lcfg.get("modules_to_save"),
         seed=seed,
     )

@@ -12,7 +12,12 @@ posteriors built around the MAP.
 Features: AdamW, linear warm-up then linear decay, gradient accumulation, gradient clipping,
 bf16 autocast on CUDA (via the AdapterFn), max steps or epochs, seeded (dropout RNG and data
 order; the caller's global RNG is left untouched), a tqdm bar with the loss, periodic adapter
-checkpoints (for checkpoint ensembles), and a clear error on a non-finite loss. Under
+checkpoints (for checkpoint ensembles), and a clear error on a non-finite or diverging loss.
+
+Divergence rule (``divergence_factor``, default 10): training stops with :class:`TrainingDiverged` at the first
+optimizer step whose loss exceeds ``divergence_factor`` times the first step's loss plus ``divergence_factor``
+nats (for a C-class cross-entropy that starts near log C, a loss above ~17 at C=2: every example confidently
+wrong). A finite but exploding loss (``lr=1e6``: 2.3e6) is thus never written up as a finished MAP. Under
 ``torch.distributed`` (``torchrun``) the gradients and the loss of every optimizer step are averaged
 over the ranks, so a loader sharded with :func:`bayeslora.distributed.shard` trains like one process
 with a ``world_size``-times larger batch.
@@ -53,6 +58,7 @@ class TrainConfig:
         checkpoint_every: save the adapter every this many optimizer steps (None: never).
         checkpoint_dir: where checkpoints go (required with checkpoint_every).
         progress: show a tqdm progress bar.
+        divergence_factor: the divergence rule of the module docstring (None: no check).
         betas, eps: AdamW.
     """
 
@@ -67,6 +73,7 @@ class TrainConfig:
     checkpoint_every: int | None = None
     checkpoint_dir: str | None = None
     progress: bool = True
+    divergence_factor: float | None = 10.0
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
 
@@ -81,10 +88,16 @@ class TrainConfig:
             raise ValueError(f"warmup_ratio: expected a value in [0, 1), got {self.warmup_ratio!r}.")
         if self.prior_precision < 0:
             raise ValueError(f"prior_precision: expected >= 0, got {self.prior_precision!r}.")
+        if self.divergence_factor is not None:
+            _positive("divergence_factor", self.divergence_factor)
         if self.checkpoint_every is not None:
             _positive("checkpoint_every", self.checkpoint_every)
             if not self.checkpoint_dir:
                 raise ValueError("checkpoint_dir: required when checkpoint_every is set; pass a directory path.")
+
+
+class TrainingDiverged(ValueError):
+    """The training loss exploded (the divergence rule of :mod:`bayeslora.train`)."""
 
 
 @dataclass
@@ -236,6 +249,7 @@ def train_map(fn: AdapterFn, loader: DataLoader, config: TrainConfig | None = No
                 opt.zero_grad(set_to_none=True)
                 result.steps += 1
                 result.losses.append(running)
+                _check_divergence(result.losses, config)
                 bar.update(1)
                 bar.set_postfix(loss=f"{running:.4f}")
                 running = 0.0
@@ -247,6 +261,19 @@ def train_map(fn: AdapterFn, loader: DataLoader, config: TrainConfig | None = No
     opt.zero_grad(set_to_none=True)
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _check_divergence(losses: list[float], config: TrainConfig) -> None:
+    k = config.divergence_factor
+    if k is None or len(losses) < 2:
+        return
+    first, now = losses[0], losses[-1]
+    if now > k * first + k:
+        raise TrainingDiverged(
+            f"loss: training diverged at optimizer step {len(losses)}: loss {now:.4g} > {k:g} x the first step's "
+            f"loss {first:.4g} + {k:g}; lower lr (now {config.lr:g}), keep clip set (now {config.clip}), or raise "
+            "warmup_ratio. Nothing was saved as the MAP."
+        )
 
 
 def save_checkpoint(fn: AdapterFn, directory: str | os.PathLike, step: int) -> Path:

@@ -402,6 +402,23 @@ def test_generic_jsonl_with_names_pairs_and_carved_validation(tok, tmp_path):
     mc = build_task("jsonl", tok, format="mc", paths={"train": train, "validation": train, "test": test}, **opts)
     assert len(mc.validation) == 40 and decoded(tok, mc.test[0]["input_ids"]).endswith("c a. no b. yes " + CUE)
     assert mc.info["files"]["test"] == str(test.resolve()) and mc.label_names == ["A", "B"]
+    assert mc.info["answers"] == ["A", "B"]  # the letters unless the answers are set
+
+
+def test_mc_answer_strings_are_settable_and_single_token_checked(tok, tmp_path):
+    train = write_jsonl(tmp_path / "t.jsonl", [{"a": f"fruit {i}", "y": ["apple", "banana"][i % 2]} for i in range(20)])
+    opts = {"paths": {"train": train, "test": train}, "text_fields": ["a"], "label_field": "y",
+            "label_names": ["apple", "banana"], "format": "mc", "val_size": 4}  # fmt: skip
+    td = build_task("jsonl", tok, answers=["apple", "banana"], **opts)
+    ids = [tok(" " + w, add_special_tokens=False)["input_ids"][0] for w in ("apple", "banana")]
+    assert td.readout.token_ids == ids and td.info["answers"] == ["apple", "banana"]
+    assert build_task("jsonl", tok, **opts).readout.token_ids != ids  # default: the letters
+    with pytest.raises(ValueError, match=r"answers: ' pineapplejuice' is \d+ tokens"):
+        build_task("jsonl", tok, answers=["apple", "pineapplejuice"], **opts)
+    with pytest.raises(ValueError, match="answers: expected 2 answer strings"):
+        build_task("jsonl", tok, answers=["apple"], **opts)
+    with pytest.raises(ValueError, match="answers: answer strings are scored by the mc format"):
+        build_task("jsonl", tok, answers=["apple", "banana"], **{**opts, "format": "seq_cls"})
 
 
 def test_generic_csv_and_multiple_choice_field(tok, tmp_path):

@@ -181,3 +181,48 @@ def test_two_processes_on_one_run_directory_wait_for_each_other(tmp_path):
     verdicts = sorted(o.strip().splitlines()[-1].split()[0] for o in outs)
     assert verdicts == ["RAN", "SKIPPED"], outs
     assert not list(run_dir.glob(".*.tmp"))
+
+
+def test_unknown_keys_in_any_group_are_errors(tmp_path):
+    cases = {
+        "+model.target_modules=[x]": "model.target_modules: unknown key",  # LoRA settings live in the lora group
+        "+lora.bogus=1": "lora.bogus: unknown key",
+        "+train.learning_rate=1": "train.learning_rate: unknown key",
+        "+data.max_trian=3": "data.max_trian: unknown key",
+        "+eval.samples=3": "eval.samples: unknown key",
+        "+params.include_heads=true": "params.include_heads: unknown key",
+        "+method.prior_fit=none": "method.prior_fit: unknown key",  # map takes no options
+        "+seeds=3": "seeds: unknown key",
+    }
+    for override, message in cases.items():
+        with pytest.raises(ValueError, match=message):
+            run(_cfg(tmp_path, override))
+    assert not list(tmp_path.rglob("metrics.json"))
+
+
+def test_lora_target_modules_are_read_from_the_lora_group(tmp_path):
+    with pytest.raises(ValueError, match=r"target_modules: \['nonexistent'\] match no module"):
+        run(_cfg(tmp_path, "lora.target_modules=[nonexistent]"))
+    cfg = compose([*SMOKE, "lora.target_modules=[query]"])
+    assert list(cfg.lora.target_modules) == ["query"] and list(compose(SMOKE).lora.target_modules) == ["query", "value"]
+    result = run(_cfg(tmp_path, "lora.target_modules=[query]", "params.include_head=false"))
+    assert result["acc"] >= 0
+    values = torch.load(next((tmp_path / ".map_cache").glob("*/map.pt")), weights_only=True)["values"]
+    lora = [n for n in values if "lora_" in n]
+    assert lora and all(".query." in n for n in lora)
+
+
+def test_a_diverging_training_fails_and_leaves_nothing_in_the_cache(tmp_path):
+    from bayeslora.train import TrainingDiverged
+
+    with pytest.raises(TrainingDiverged, match=r"diverged at optimizer step \d+.*lower lr \(now 1e\+06\)"):
+        run(_cfg(tmp_path, "train.lr=1e6"))
+    assert not list(tmp_path.rglob("map.pt")) and not list(tmp_path.rglob("step_*.pt"))
+    assert not list(tmp_path.rglob("metrics.json"))
+
+
+def test_mc_answer_strings_from_the_config(tmp_path):
+    result = run(_cfg(tmp_path, "model=tiny_llama", "data.answers=[negative,positive]", "eval.temperature_row=false"))
+    assert result["data_info"]["answers"] == ["negative", "positive"]
+    letters = run(_cfg(tmp_path, "model=tiny_llama", "eval.temperature_row=false"))
+    assert letters["data_info"]["answers"] == ["A", "B"] and letters["run_dir"] != result["run_dir"]

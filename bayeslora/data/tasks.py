@@ -77,6 +77,7 @@ def build_task(
     max_eval: int | None = None,
     val_size: float | int = 0.1,
     seed: int = 0,
+    answers: Sequence[str] | None = None,
     **task_kwargs: Any,
 ) -> TaskData:
     """Load, split, format and tokenize a task.
@@ -93,6 +94,9 @@ def build_task(
         max_eval: the same for validation and test.
         val_size: the validation split carved from train where a task has none: fraction in (0, 1) or row count.
         seed: seeds the validation carve and the subsampling (not the BoolQ test split, which is fixed).
+        answers: ``mc`` only: the C answer strings the readout scores at the answer position, each one token after
+            a space (e.g. ``["Apple", "Banana"]`` scores ``" Apple"`` / ``" Banana"``); None: the option letters
+            ``A``, ``B``, ... (the Laplace-LoRA protocol). The prompt lists the options lettered either way.
         **task_kwargs: ``subjects=[...]`` for ``mmlu``; ``paths``, ``text_fields``, ``label_field``,
             ``label_names`` and optionally ``choices_field`` for ``jsonl`` / ``csv``.
 
@@ -111,8 +115,9 @@ def build_task(
     generic_opts = G.parse_options(name, task_kwargs) if spec.generic else None
     names = list(generic_opts.label_names) if generic_opts else None
     num_classes = len(names) if names else int(spec.num_classes or 0)
-    readout = _readout(format, tokenizer, num_classes)  # fails fast on multi-token answer letters
+    readout = _readout(format, tokenizer, num_classes, answers)  # fails fast on multi-token answers
     info: dict[str, Any] = {"task": name, "format": format, "num_classes": num_classes}
+    info["answers"] = list(readout.answers) if format == "mc" else None
 
     raw, sources = _load(spec, root, generic_opts, task_kwargs.get("subjects"), info)
     normalize = generic_opts.normalizer() if generic_opts else spec.normalize
@@ -200,7 +205,16 @@ def _check_options(spec: TaskSpec, options: Mapping[str, Any]) -> None:
         )
 
 
-def _readout(format: str, tokenizer: Any, num_classes: int) -> Readout:
+def _readout(format: str, tokenizer: Any, num_classes: int, answers: Sequence[str] | None = None) -> Readout:
+    if answers is not None:
+        if format != "mc":
+            raise ValueError(
+                f"answers: answer strings are scored by the mc format's next-token readout; format={format!r} has a "
+                "classification head. Remove data.answers or use format='mc'."
+            )
+        if isinstance(answers, str) or not isinstance(answers, Sequence) or len(answers) != num_classes:
+            raise ValueError(f"answers: expected {num_classes} answer strings (one per class), got {answers!r}.")
+        return AnswerTokenLogits.from_tokenizer(tokenizer, [str(a) for a in answers], prefix=" ")
     if format == "mc":
         return AnswerTokenLogits.from_tokenizer(tokenizer, letters(num_classes), prefix=" ")
     return SequenceClassificationLogits(num_classes)
