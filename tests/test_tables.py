@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ from bayeslora.metrics import Predictions
 from bayeslora.tables import aggregate, collect, main, make_tables
 
 
-def _write_run(root, data, method, seed, acc, ece, nll=0.5, brier=0.3, c=2, n=200, preds=None):
+def _write_run(root, data, method, seed, acc, ece, nll=0.5, brier=0.3, c=2, n=200, preds=None, counts=None, **identity):
     d = root / data / "m" / method / f"seed_{seed}"
     d.mkdir(parents=True)
     m = {"acc": acc, "ece": ece, "nll": nll, "brier": brier, "aurc": 0.1}
@@ -23,6 +24,10 @@ def _write_run(root, data, method, seed, acc, ece, nll=0.5, brier=0.3, c=2, n=20
         "splits": {"test": m, "test_ts": {**m, "ece": ece / 2}},
         **m,
     }
+    if counts is not None:
+        run["label_counts"] = {"test": counts}
+    if identity:
+        run["identity"] = {"seed": seed, **identity}
     (d / "metrics.json").write_text(json.dumps(run))
     if preds is not None:
         torch.save({"test": preds.state_dict()}, d / "predictions.pt")
@@ -78,3 +83,28 @@ def test_cli_and_errors(tmp_path, capsys):
         collect(tmp_path / "missing")
     with pytest.raises(ValueError, match="unknown \\['f1'\\]"):
         make_tables(tmp_path, metrics=["f1"])
+
+
+def test_chance_is_the_majority_rate_of_the_split_and_the_constant_predictor_is_the_reference(tmp_path):
+    """75% of the test labels are class 0: 70% accuracy is below the majority rate (1/C = 50% would pass it)."""
+    _write_run(tmp_path, "imb", "map", 0, 0.70, 0.1, n=200, counts=[150, 50])
+    _write_run(tmp_path, "bal", "map", 0, 0.70, 0.1, n=200, counts=[100, 100])
+    md = make_tables(tmp_path, metrics=["acc", "nll"], columns=["imb", "bal"])["md"]
+    row = next(line for line in md.splitlines() if line.startswith("| map |"))
+    imb, bal = row.split(" | ")[1:3]
+    assert imb.endswith("†") and not bal.rstrip(" |").endswith("†")
+    assert "majority-class rate" in md
+    # the constant predictor of the split's class frequencies: NLL = H(0.75, 0.25), Brier = 1 - (0.75² + 0.25²)
+    h = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    assert f"imb {h:.3f} / {1 - 0.75**2 - 0.25**2:.3f}" in md and f"bal {math.log(2):.3f} / 0.500" in md
+
+
+def test_runs_of_one_label_with_different_settings_get_one_row_each(tmp_path):
+    for seed in (0, 1):
+        for lam in (0.1, 10.0):
+            _write_run(tmp_path, "rte", f"kfac/{lam}", seed, 0.8, 0.1 if lam < 1 else 0.2, prior_precision=lam)
+    for path in tmp_path.rglob("metrics.json"):  # one method label, two settings (a prior-precision sweep)
+        path.write_text(json.dumps({**json.loads(path.read_text()), "method_label": "kfac"}))
+    table, methods, _ = aggregate(collect(tmp_path))
+    assert methods == ["kfac (prior_precision=0.1)", "kfac (prior_precision=10)"]
+    assert [len(table["ece"][m]["rte"].values) for m in methods] == [2, 2]  # seeds pooled, settings kept apart
