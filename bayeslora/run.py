@@ -33,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .calibration import fit_temperature, temperature_scaled
 from .config_check import check_run_config
+from .hydra_store import register as register_method_defaults
 from .data import build_task, make_loader
 from .io import load_torch, save_json, save_torch
 from .metrics import Predictions
@@ -42,10 +43,11 @@ from .posteriors import accepts
 from .results import digest, identity_mismatch, map_identity, run_id, run_identity, setting_id
 from .sweep import file_lock, remove_stale_temporaries, run_device
 from .tables import TS_SUFFIX
-from .train import TrainConfig, TrainResult, load_trained, trained_values
+from .train import TrainConfig, TrainResult, list_checkpoints, load_trained, trained_values
 from .wrapper import BayesianLoRA
 
 METRIC_KEYS = ("acc", "ece", "nll", "brier")
+register_method_defaults()  # the method configs' defaults (Hydra ConfigStore), for any way of composing configs/
 
 
 def config_dir() -> Path:
@@ -178,13 +180,14 @@ def _execute(cfg: dict[str, Any], run_dir: Path, metrics_path: Path, identity: d
 
     t = time.perf_counter()
     map_info: dict[str, Any] = {}
-    if not getattr(bl.posterior, "trains_adapter", False):
+    needs, checkpoints = bl.posterior.needs, None
+    if needs.map_adapter:
         map_info, ckpt_dir = _fit_or_load_map(bl, cfg, train_loader, run_dir)
-        if hasattr(bl.posterior, "checkpoint_dir") and bl.posterior.checkpoint_dir is None:
-            bl.posterior.checkpoint_dir = str(ckpt_dir)
+        if needs.checkpoints:
+            checkpoints = [str(p) for p in list_checkpoints(ckpt_dir)]
     timings["map_train_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    bl.fit(train_loader, val_loader=loaders["validation"])
+    bl.fit(train_loader, val_loader=loaders["validation"], checkpoints=checkpoints)
     timings["fit_s"] = time.perf_counter() - t
 
     splits = list(dict.fromkeys(["validation", *cfg["eval"]["splits"]]))

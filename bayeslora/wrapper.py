@@ -115,11 +115,27 @@ class BayesianLoRA:
             config = TrainConfig(**dict(config or {}))
         if self.prior_precision is not None:
             config = dataclasses.replace(config, prior_precision=self.prior_precision)
-        return train_map(self.fn, loader, config)
+        result = train_map(self.fn, loader, config)
+        self._map_checkpoints = list(result.checkpoints)
+        return result
 
-    def fit(self, loader, val_loader=None) -> BayesianLoRA:
-        """Fit the posterior around the current adapter (``val_loader`` for methods that tune on it)."""
-        self.posterior.fit(self.fn, loader, val_loader=val_loader)
+    def fit(self, loader, val_loader=None, checkpoints=None) -> BayesianLoRA:
+        """Fit the posterior (around the current adapter unless the method trains its own; see ``posterior.needs``).
+
+        Args:
+            loader: the training batches.
+            val_loader: the validation split, for methods that need one (``needs.validation``).
+            checkpoints: the MAP training's adapter checkpoints for methods that need them (``needs.checkpoints``);
+                default: those of the last :meth:`fit_map` (with ``TrainConfig(checkpoint_every=...)``).
+        """
+        needs = self.posterior.needs
+        if needs.validation and val_loader is None:
+            raise ValueError(
+                f"val_loader: method {self.method!r} fits on a validation split; pass fit(loader, val_loader=...)."
+            )
+        if needs.checkpoints and checkpoints is None:
+            checkpoints = getattr(self, "_map_checkpoints", None) or None
+        self.posterior.fit(self.fn, loader, val_loader=val_loader, checkpoints=checkpoints)
         return self
 
     # ------------------------------------------------------------------ prediction

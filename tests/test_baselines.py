@@ -4,7 +4,7 @@ from helpers import TokenDataset, randomize_lora_b, tiny_fn
 
 from bayeslora.calibration import TemperatureBoundWarning, fit_temperature
 from bayeslora.metrics import accuracy
-from bayeslora.posteriors import make_posterior
+from bayeslora.posteriors import Needs, make_posterior
 from bayeslora.posteriors.baselines import CheckpointEnsemble, MCDropout, TemperatureScaling
 from bayeslora.posteriors.map import MAP
 from bayeslora.train import TrainConfig, list_checkpoints, load_checkpoint, train_map
@@ -111,7 +111,7 @@ def test_checkpoint_ensemble_uses_the_last_m_checkpoints(tmp_path):
         torch.testing.assert_close(pred.logits[k], m.predict(fn, batch).logits[0])
     with pytest.raises(ValueError, match="m: 9 checkpoints requested but .* holds 4"):
         CheckpointEnsemble(m=9, checkpoint_dir=str(tmp_path)).fit(fn)
-    with pytest.raises(ValueError, match="checkpoint_dir: no checkpoint directory"):
+    with pytest.raises(ValueError, match="checkpoints: no MAP training checkpoints"):
         CheckpointEnsemble(m=2).fit(fn)
     with pytest.raises(ValueError, match="m: expected"):
         CheckpointEnsemble(m=0)
@@ -138,13 +138,13 @@ def test_temperature_needs_a_validation_split_and_keeps_the_map_argmax():
 
 
 def test_temperature_on_top_of_another_method():
-    """T on an ensemble's model average: the wrapper trains the ensemble, the runner sees trains_adapter."""
+    """T on an ensemble's model average: the wrapper trains the ensemble; needs say so (no MAP, a validation split)."""
     fn, _ = tiny_fn("bert", r=2)
     ds = TokenDataset(32, seed=9)
     options = {"k": 2, "train": {"lr": 1e-2, "max_steps": 3, "progress": False}, "progress": False,
                "include_current": False}  # fmt: skip
     ts = TemperatureScaling(base="ensemble", base_options=options, prior_precision=2.0)
-    assert ts.trains_adapter and ts.base.prior_precision == 2.0 and not hasattr(ts, "checkpoint_dir")
+    assert ts.needs == Needs(map_adapter=False, validation=True) and ts.base.prior_precision == 2.0
     ts.fit(fn, ds.loader(8), val_loader=ds.loader(8))
     batch = next(iter(ds.loader(8)))
     ens = ts.base.predict(fn, batch)
@@ -156,11 +156,9 @@ def test_temperature_on_top_of_another_method():
     again = make_posterior("temperature", **ts.config())
     again.load_state_dict(ts.state_dict())
     torch.testing.assert_close(again.predict(fn, batch).logits, ts.predict(fn, batch).logits)
-    assert not TemperatureScaling().trains_adapter
+    assert TemperatureScaling().needs == Needs(validation=True)
     on_ckpt = TemperatureScaling(base="checkpoint_ensemble", base_options={"m": 2})
-    assert hasattr(on_ckpt, "checkpoint_dir") and on_ckpt.checkpoint_dir is None
-    on_ckpt.checkpoint_dir = "somewhere"  # what the runner does: it reaches the base method
-    assert on_ckpt.base.checkpoint_dir == "somewhere"
+    assert on_ckpt.needs == Needs(validation=True, checkpoints=True)  # the base's needs pass through
 
 
 def _set_model_dropout(fn, p):

@@ -58,7 +58,7 @@ def test_include_current_makes_the_held_adapter_member_zero_and_trains_only_the_
     real = ensemble_module.train_map
     monkeypatch.setattr(ensemble_module, "train_map", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     ens = Ensemble(k=3, train=TRAIN, base_seed=10, prior_precision=1.0, include_current=True, progress=False)
-    assert ens.trains_adapter is False  # bayeslora-run trains / loads the MAP before fit
+    assert ens.needs.map_adapter is True  # bayeslora-run trains / loads the MAP before fit
     ens.fit(fn, ds.loader(8, shuffle=True))
     assert len(calls) == 2
     for n, p in trainable_parameters(fn).items():  # the live adapter is still the MAP
@@ -66,7 +66,7 @@ def test_include_current_makes_the_held_adapter_member_zero_and_trains_only_the_
     for n, v in ens.members[0].items():
         assert torch.equal(v, the_map[n]), n
     full = Ensemble(k=3, train=TRAIN, base_seed=10, prior_precision=1.0, include_current=False, progress=False)
-    assert full.trains_adapter is True
+    assert full.needs.map_adapter is False
     full.fit(fn, ds.loader(8, shuffle=True))
     for mine, theirs in zip(ens.members[1:], full.members[1:]):  # members 1, 2: the same seeds, the same values
         for n in mine:

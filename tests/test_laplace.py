@@ -43,7 +43,7 @@ def dense_precision(la: Laplace) -> torch.Tensor:
 
 def naive_jacobian(fn, la: Laplace, ex) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-example loop: logits [C] and the Jacobian [C, D] w.r.t. the random layers (row-major [W | b])."""
-    groups = la.bind(fn)
+    groups = la.match_groups(fn)
     names = [n for g in groups for n in g.names]
     values = {k: v.clone().requires_grad_(k in names) for k, v in la.values.items()}
     logits = fn(values, ex)[0]
@@ -118,7 +118,7 @@ def dense_marglik(la, fn, lam):
     saved, la.prior = la.prior, torch.full_like(la.prior, lam)
     p = dense_precision(la)
     la.prior = saved
-    theta = torch.cat([as_matrix(la.values, g).reshape(-1).double() for g in la.bind(fn)])
+    theta = torch.cat([as_matrix(la.values, g).reshape(-1).double() for g in la.match_groups(fn)])
     logdet_ratio = torch.linalg.slogdet(p)[1] - theta.numel() * math.log(lam)
     return -la.loss - 0.5 * float(logdet_ratio + lam * theta.square().sum())
 
@@ -197,7 +197,7 @@ def test_weight_sampling_reproduces_map_with_tiny_prior_variance():
 def test_weight_samples_have_covariance_p_inverse(options):
     fn, loader, _ = setup()
     la = Laplace(prior_fit="none", prior_precision=3.0, **options).fit(fn, loader)
-    groups = la.bind(fn)
+    groups = la.match_groups(fn)
     gen = torch.Generator().manual_seed(0)
     draws = torch.stack(
         [torch.cat([as_matrix(v, g).reshape(-1) for g in groups]).double() for v in la.sample(fn, 20000, gen)]

@@ -78,7 +78,7 @@ def test_save_load_round_trip_gives_identical_predictions(tmp_path):
 def test_temperature_method_needs_validation_split():
     bl = _bl("temperature")
     ds = TokenDataset(16)
-    with pytest.raises(ValueError, match="val_loader: temperature scaling needs a validation split"):
+    with pytest.raises(ValueError, match="val_loader: method .temperature. fits on a validation split"):
         bl.fit(ds.loader(8))
     bl.fit(ds.loader(8), val_loader=ds.loader(8))
     assert bl.posterior.temperature > 0

@@ -4,6 +4,14 @@ Every method is configured without a model (so Hydra can instantiate it from a c
 to an :class:`~bayeslora.function.AdapterFn` at :meth:`Posterior.fit`. Prediction returns a
 :class:`~bayeslora.predictive.Predictive` of logit samples ``[S, B, C]``.
 
+A method declares what it needs from whoever fits it in :attr:`Posterior.needs` (:class:`Needs`): a trained
+MAP adapter in the model, a validation split, the MAP training's adapter checkpoints. The façade
+(:class:`~bayeslora.wrapper.BayesianLoRA`) and ``bayeslora-run`` read only that.
+
+``n_samples`` means one thing for every method (:func:`sample_count`): ``None`` is the method's default,
+``k >= 1`` draws k posterior samples, ``0`` predicts at the posterior mean (a point predictive); a method whose
+samples are fixed (ensemble members, checkpoints) accepts only ``None`` or its number of members.
+
 ``METHODS`` maps a method name to ``"module:attribute"`` of its factory; modules are imported
 lazily so that e.g. Pyro is only imported when a VI method is used.
 """
@@ -12,7 +20,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -21,18 +30,36 @@ from ..function import AdapterFn
 from ..predictive import Predictive
 
 
+@dataclass(frozen=True)
+class Needs:
+    """What a method needs from whoever fits it.
+
+    Attributes:
+        map_adapter: ``fit`` works around the trained adapter the model holds, so the caller trains (or loads)
+            the MAP first; False: the method trains its adapters itself (a deep ensemble from scratch).
+        validation: ``fit`` needs ``val_loader`` (temperature scaling, a validation-NLL prior).
+        checkpoints: ``fit`` needs the MAP training's adapter checkpoints (``checkpoints=``, oldest first).
+    """
+
+    map_adapter: bool = True
+    validation: bool = False
+    checkpoints: bool = False
+
+
 @runtime_checkable
 class Posterior(Protocol):
     """An approximate posterior over the selected adapter tensors.
 
     Attributes:
         name: the registry name of the method.
+        needs: what :meth:`fit` needs (:class:`Needs`).
     """
 
     name: str
+    needs: Needs
 
-    def fit(self, fn: AdapterFn, loader, *, val_loader=None) -> Posterior:
-        """Fit around the adapter currently in ``fn.model`` (or train it, for ensembles)."""
+    def fit(self, fn: AdapterFn, loader, *, val_loader=None, checkpoints: Sequence[str] | None = None) -> Posterior:
+        """Fit around the adapter currently in ``fn.model`` (or train it, when ``needs.map_adapter`` is False)."""
         ...
 
     def predict(
@@ -76,6 +103,15 @@ def _entry(method: str) -> tuple[str, dict[str, Any]]:
 def _load(target: str) -> Any:
     module_name, attr = target.split(":")
     return getattr(importlib.import_module(module_name), attr)
+
+
+def registered_name(target: str, **fixed: Any) -> str:
+    """The registry name of ``target`` with the fixed options ``fixed`` (the registry alone names methods)."""
+    for name, entry in METHODS.items():
+        t, f = (entry, {}) if isinstance(entry, str) else entry
+        if t == target and f == fixed:
+            return name
+    raise ValueError(f"{target} with {fixed} is not a registered method; see bayeslora.posteriors.METHODS.")
 
 
 def make_posterior(method: str, **kwargs: Any) -> Posterior:
@@ -132,6 +168,31 @@ def method_defaults(method: str) -> dict[str, Any]:
     return out
 
 
+def sample_count(method: str, n_samples: Any, default: int, *, mean: bool = True, fixed: int | None = None) -> int:
+    """The number of samples a method draws for ``n_samples`` (module docstring); 0 is the posterior mean.
+
+    Args:
+        method: the method's name (for errors).
+        n_samples: the caller's value (None, 0 or a positive int).
+        default: the method's default.
+        mean: whether the method has a posterior-mean predictive (``n_samples=0``).
+        fixed: the number of samples of a method whose samples are fixed (ensemble members), else None.
+    """
+    if n_samples is None:
+        return default
+    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 0:
+        raise ValueError(
+            f"n_samples: expected None (the default), 0 (posterior mean) or an int >= 1, got {n_samples!r}."
+        )
+    if n_samples == 0 and not mean:
+        raise ValueError(f"n_samples: {method} has no posterior-mean predictive; pass None (its {default} samples).")
+    if fixed is not None and n_samples not in (0, fixed):
+        raise ValueError(
+            f"n_samples: {method} predicts with its {fixed} fixed members; pass None (or {fixed}), got {n_samples}."
+        )
+    return n_samples
+
+
 def require_fitted(posterior: Any, attribute: str) -> Any:
     """Return ``posterior.<attribute>`` or raise a clear error if ``fit`` has not been called."""
     value = getattr(posterior, attribute, None)
@@ -142,4 +203,13 @@ def require_fitted(posterior: Any, attribute: str) -> Any:
     return value
 
 
-__all__ = ["METHODS", "Posterior", "accepts", "make_posterior", "method_defaults", "require_fitted"]
+__all__ = [
+    "METHODS",
+    "Needs",
+    "Posterior",
+    "accepts",
+    "make_posterior",
+    "method_defaults",
+    "require_fitted",
+    "sample_count",
+]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,7 +20,7 @@ from ..calibration import fit_temperature, temperature_predictive
 from ..function import AdapterFn, lora_dropout_only, model_mode
 from ..predictive import Predictive
 from ..train import list_checkpoints, load_checkpoint
-from . import accepts, make_posterior, require_fitted
+from . import Needs, accepts, make_posterior, require_fitted, sample_count
 
 
 class TemperatureScaling:
@@ -60,28 +61,18 @@ class TemperatureScaling:
         self.temperature: float | None = None
 
     @property
-    def trains_adapter(self) -> bool:
-        """Whether the base method trains its own adapters (then the runner skips MAP training)."""
-        return bool(getattr(self.base, "trains_adapter", False))
+    def needs(self) -> Needs:
+        """The base method's needs, and a validation split (to fit T)."""
+        base = self.base.needs
+        return Needs(map_adapter=base.map_adapter, validation=True, checkpoints=base.checkpoints)
 
-    @property
-    def checkpoint_dir(self) -> str | None:
-        """The base method's checkpoint directory; absent (``hasattr`` is False) when the base reads none."""
-        if not hasattr(self.base, "checkpoint_dir"):
-            raise AttributeError(f"checkpoint_dir: the base method {self.base_name!r} reads no checkpoints.")
-        return self.base.checkpoint_dir
-
-    @checkpoint_dir.setter
-    def checkpoint_dir(self, value: str | None) -> None:
-        self.base.checkpoint_dir = value
-
-    def fit(self, fn: AdapterFn, loader, *, val_loader=None) -> TemperatureScaling:
+    def fit(self, fn: AdapterFn, loader, *, val_loader=None, checkpoints=None) -> TemperatureScaling:
         if val_loader is None:
             raise ValueError(
                 "val_loader: temperature scaling needs a validation split to fit T; pass val_loader= "
                 "(the task builders carve one from train: data.val_size)."
             )
-        self.base.fit(fn, loader, val_loader=val_loader)
+        self.base.fit(fn, loader, val_loader=val_loader, checkpoints=checkpoints)
         generator = torch.Generator(device=fn.device).manual_seed(0)
         log_probs, labels = [], []
         for batch in val_loader:
@@ -95,7 +86,8 @@ class TemperatureScaling:
 
     def predict(self, fn: AdapterFn, batch, *, n_samples: int | None = None, generator=None) -> Predictive:
         t = require_fitted(self, "temperature")
-        pred = self.base.predict(fn, batch, n_samples=n_samples or self.n_samples, generator=generator)
+        pred = self.base.predict(fn, batch, n_samples=self.n_samples if n_samples is None else n_samples,
+                                 generator=generator)  # fmt: skip
         return temperature_predictive(pred, t)
 
     def config(self) -> dict[str, Any]:
@@ -137,6 +129,7 @@ class MCDropout:
     """
 
     name = "mc_dropout"
+    needs = Needs()
 
     def __init__(self, n_samples: int = 16, p: float | None = None, include_model_dropout: bool = False):
         if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
@@ -148,7 +141,7 @@ class MCDropout:
         self.include_model_dropout = bool(include_model_dropout)
         self.values: dict[str, torch.Tensor] | None = None
 
-    def fit(self, fn: AdapterFn, loader=None, *, val_loader=None) -> MCDropout:
+    def fit(self, fn: AdapterFn, loader=None, *, val_loader=None, checkpoints=None) -> MCDropout:
         dropouts = _lora_dropouts(fn.model)
         if not dropouts and not self.include_model_dropout:
             raise ValueError(
@@ -166,7 +159,10 @@ class MCDropout:
     @torch.no_grad()
     def predict(self, fn: AdapterFn, batch, *, n_samples: int | None = None, generator=None) -> Predictive:
         values = require_fitted(self, "values")
-        s = n_samples or self.n_samples
+        s = sample_count(self.name, n_samples, self.n_samples)
+        if s == 0:  # the posterior mean: dropout off, the fine-tuned adapter
+            with model_mode(fn.model, False):
+                return Predictive.point(fn(values, batch))
         devices = [fn.device.index or 0] if fn.device.type == "cuda" else []
         mode = model_mode(fn.model, True) if self.include_model_dropout else lora_dropout_only(fn.model)
         with torch.random.fork_rng(devices=devices), mode, _dropout_p(fn.model, self.p):
@@ -205,15 +201,16 @@ class CheckpointEnsemble:
     """Average the predictives of the last M adapter checkpoints of one MAP training run
     (checkpoint / snapshot ensembles: Huang et al., ICLR 2017; Chen et al., 2017).
 
-    ``fit`` loads the last M checkpoints (by step) from ``checkpoint_dir``; ``predict`` evaluates each once
+    ``fit`` loads the last M of the checkpoints it is given (``checkpoints=``, the MAP training's: the façade and
+    ``bayeslora-run`` pass them) or finds in ``checkpoint_dir``; ``predict`` evaluates each once
     and returns ``Predictive [M, B, C]``. A checkpoint holds the selected adapter tensors; any other trainable
     tensor (e.g. a head left out with ``include_head=False``) keeps its live (final MAP) value.
 
     Args:
         m: number of checkpoints (the last M saved by :func:`~bayeslora.train.train_map`).
-        checkpoint_dir: the directory ``train_map`` wrote (``TrainConfig(checkpoint_every=..., checkpoint_dir=...)``);
-            the runner fills in the MAP training's directory when None (it saves one checkpoint per epoch
-            unless ``train.checkpoint_every`` is set).
+        checkpoint_dir: a directory ``train_map`` wrote (``TrainConfig(checkpoint_every=..., checkpoint_dir=...)``);
+            None: the checkpoints passed to ``fit`` (bayeslora-run saves one per epoch of the MAP training unless
+            ``train.checkpoint_every`` is set).
     """
 
     name = "checkpoint_ensemble"
@@ -226,16 +223,24 @@ class CheckpointEnsemble:
         self.members: list[dict[str, torch.Tensor]] | None = None
         self.steps: list[int] = []
 
-    def fit(self, fn: AdapterFn, loader=None, *, val_loader=None) -> CheckpointEnsemble:
-        if self.checkpoint_dir is None:
+    @property
+    def needs(self) -> Needs:
+        return Needs(checkpoints=self.checkpoint_dir is None)
+
+    def fit(self, fn: AdapterFn, loader=None, *, val_loader=None, checkpoints=None) -> CheckpointEnsemble:
+        if self.checkpoint_dir is not None:
+            files, where = list_checkpoints(self.checkpoint_dir), repr(self.checkpoint_dir)
+        elif checkpoints is not None:
+            files, where = sorted(Path(p) for p in checkpoints), "the checkpoints passed to fit"
+        else:
             raise ValueError(
-                "checkpoint_dir: no checkpoint directory; train the MAP with TrainConfig(checkpoint_every=..., "
-                "checkpoint_dir=...) and pass that directory (bayeslora-run does this for you)."
+                "checkpoints: no MAP training checkpoints; train the MAP with TrainConfig(checkpoint_every=..., "
+                "checkpoint_dir=...) (BayesianLoRA.fit_map keeps them for fit) or pass checkpoint_dir="
+                " (bayeslora-run does this for you)."
             )
-        files = list_checkpoints(self.checkpoint_dir)
         if len(files) < self.m:
             raise ValueError(
-                f"m: {self.m} checkpoints requested but {self.checkpoint_dir!r} holds {len(files)}; save more often "
+                f"m: {self.m} checkpoints requested but {where} holds {len(files)}; save more often "
                 "(TrainConfig.checkpoint_every; with bayeslora-run train.checkpoint_every=<steps> or more "
                 "train.epochs, one checkpoint per epoch by default) or lower m."
             )
@@ -251,6 +256,7 @@ class CheckpointEnsemble:
     @torch.no_grad()
     def predict(self, fn: AdapterFn, batch, *, n_samples: int | None = None, generator=None) -> Predictive:
         members = require_fitted(self, "members")
+        sample_count(self.name, n_samples, len(members), mean=False, fixed=len(members))
         with model_mode(fn.model, False):
             return Predictive(torch.stack([fn(values, batch) for values in members]))
 

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from ..function import AdapterFn, model_mode
 from ..predictive import Predictive
 from ..train import TrainConfig, load_trained, train_map, trained_values
-from . import require_fitted
+from . import Needs, require_fitted, sample_count
 
 _NOT_PER_MEMBER = ("seed", "checkpoint_every", "checkpoint_dir")
 
@@ -128,9 +128,9 @@ class Ensemble:
         self.histories: list[list[float]] = []
 
     @property
-    def trains_adapter(self) -> bool:
-        """True: ``fit`` trains every member itself; False: it needs the trained adapter (member 0) first."""
-        return not self.include_current
+    def needs(self) -> Needs:
+        """With ``include_current`` the trained adapter is member 0 (the MAP first); else every member is trained."""
+        return Needs(map_adapter=self.include_current)
 
     def member_config(self, seed: int) -> TrainConfig:
         """The :class:`TrainConfig` of the member with ``seed``."""
@@ -140,7 +140,7 @@ class Ensemble:
             cfg = dataclasses.replace(cfg, prior_precision=float(self.prior_precision))
         return cfg
 
-    def fit(self, fn: AdapterFn, loader, *, val_loader=None) -> Ensemble:
+    def fit(self, fn: AdapterFn, loader, *, val_loader=None, checkpoints=None) -> Ensemble:
         """Train the K members one after another (``val_loader`` is not used); the live adapter is restored."""
         original = trained_values(fn)
         members, histories = [], []
@@ -164,8 +164,9 @@ class Ensemble:
 
     @torch.no_grad()
     def predict(self, fn: AdapterFn, batch, *, n_samples: int | None = None, generator=None) -> Predictive:
-        """Each member once: ``Predictive [K, B, C]`` (``n_samples`` and ``generator`` are unused)."""
+        """Each member once: ``Predictive [K, B, C]`` (``n_samples``: None or K; ``generator`` is unused)."""
         members = require_fitted(self, "members")
+        sample_count(self.name, n_samples, len(members), mean=False, fixed=len(members))
         missing = [n for n in fn.params.names if n not in members[0]]
         if missing:
             raise ValueError(

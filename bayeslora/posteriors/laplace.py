@@ -42,11 +42,11 @@ from ..function import AdapterFn, model_mode
 from ..params import ParamGroup
 from ..predictive import Predictive
 from ..train import dataset_size
-from . import require_fitted
+from . import Needs, registered_name, require_fitted, sample_count
 from .glm import coordinates, functional_covariance, mc_logits, probit
 from .kfac import FISHERS, KFAC_APPROX, Factor, as_matrix, factor_from_state, fit_curvature, from_matrix
 
-NAMES = {"kron": "kfac_laplace", "diag": "diag_laplace", "last_layer": "last_layer_laplace"}
+STRUCTURES = ("kron", "diag", "last_layer")
 PREDICTIVES = ("glm_probit", "glm_mc", "sampling")
 PRIOR_FITS = ("none", "marglik", "val_nll")
 BACKENDS = ("own", "laplace-torch")
@@ -102,8 +102,6 @@ class Laplace:
         seed: seeds the MC-Fisher labels and the prior tuning samples.
     """
 
-    trains_adapter = False
-
     def __init__(
         self,
         structure: str = "kron",
@@ -123,7 +121,7 @@ class Laplace:
         chunk_size: int | None = None,
         seed: int = 0,
     ):
-        self.structure = _choice("structure", structure, list(NAMES))
+        self.structure = _choice("structure", structure, STRUCTURES)
         self.backend = _choice("backend", backend, BACKENDS)
         self.fisher = _choice("fisher", fisher, FISHERS)
         self.mc_samples = _positive_int("mc_samples", mc_samples)
@@ -148,7 +146,11 @@ class Laplace:
 
     @property
     def name(self) -> str:
-        return NAMES[self.structure]
+        return registered_name("bayeslora.posteriors.laplace:Laplace", structure=self.structure)
+
+    @property
+    def needs(self) -> Needs:
+        return Needs(validation=self.prior_fit == "val_nll")
 
     def config(self) -> dict[str, Any]:
         keys = ("structure", "backend", "fisher", "mc_samples", "kfac_approx", "rank", "lowrank_threshold",
@@ -168,7 +170,7 @@ class Laplace:
             )
         return head_groups(groups) if self.structure == "last_layer" else groups
 
-    def fit(self, fn: AdapterFn, loader, *, val_loader=None) -> Laplace:
+    def fit(self, fn: AdapterFn, loader, *, val_loader=None, checkpoints=None) -> Laplace:
         """Fit the curvature at the adapter in ``fn.model`` (the MAP), then the prior precision."""
         if self.prior_fit == "val_nll" and val_loader is None:
             raise ValueError(
@@ -241,7 +243,7 @@ class Laplace:
         candidates = grid[:, None] * base[None, :]  # [K, L]
         nll = torch.zeros(points, dtype=torch.float64)
         generator = torch.Generator(device=fn.device)
-        groups = self.bind(fn)
+        groups = self.match_groups(fn)
         n = 0
         with model_mode(fn.model, False):
             for batch in val_loader:
@@ -270,7 +272,7 @@ class Laplace:
         return lam
 
     # ------------------------------------------------------------------ prediction
-    def bind(self, fn: AdapterFn) -> list[ParamGroup]:
+    def match_groups(self, fn: AdapterFn) -> list[ParamGroup]:
         """The groups of ``fn`` that match the fitted ones (names and shapes), else a clear error."""
         require_fitted(self, "factors")
         groups = {g.names: g for g in self.select(fn)}
@@ -293,13 +295,13 @@ class Laplace:
         return self.factors
 
     def _samples(self, n_samples: int | None) -> int:
-        return n_samples or self.n_samples or DEFAULT_SAMPLES[self.predictive]
+        return sample_count(self.name, n_samples, self.n_samples or DEFAULT_SAMPLES[self.predictive])
 
     def glm_moments(self, fn: AdapterFn, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """GLM predictive ``(f_μ [B, C] float32, f_Σ [B, C, C] float64)`` for one batch."""
         if self.lt is not None:
             return self.lt.glm_moments(fn, batch)
-        groups = self.bind(fn)
+        groups = self.match_groups(fn)
         with model_mode(fn.model, False):
             coords = coordinates(fn, self.values, groups, self._on(fn.device), batch, self.chunk_size)
         return coords.mean, functional_covariance(coords, self.factors, self.num_data, self.prior.to(fn.device))
@@ -307,6 +309,8 @@ class Laplace:
     def predict(self, fn: AdapterFn, batch, *, n_samples: int | None = None, generator=None) -> Predictive:
         """Predictive for one batch: probit logits ``[1, B, C]`` or logit samples ``[S, B, C]``."""
         require_fitted(self, "factors")
+        if self._samples(n_samples) == 0:  # the posterior mean: the MAP
+            return self._predict_mean(fn, batch)
         if self.lt is not None:
             pred = self.lt.predict(fn, batch, self._samples(n_samples), generator)
             if self.predictive != "glm_probit":
@@ -319,6 +323,14 @@ class Laplace:
             return Predictive.point(probit(mean, cov), self._epistemic(mean, cov, generator))
         return Predictive(mc_logits(mean, cov, self._samples(n_samples), generator))
 
+    @torch.no_grad()
+    def _predict_mean(self, fn: AdapterFn, batch) -> Predictive:
+        values = self.values if self.lt is None else self.lt.values
+        if self.lt is None:
+            self.match_groups(fn)
+        with model_mode(fn.model, False):
+            return Predictive.point(fn(values or None, batch))
+
     def _epistemic(self, mean: torch.Tensor, cov: torch.Tensor, generator) -> torch.Tensor:
         """The mutual information of the GLM Gaussian over the logits (:data:`EPISTEMIC_SAMPLES` MC samples)."""
         if generator is None:
@@ -329,7 +341,7 @@ class Laplace:
         """Weight samples ``θ* + P^{-1/2} ε`` (all adapter tensors; non-random ones at the MAP)."""
         if self.lt is not None:
             raise ValueError("backend: weight samples come from the own engine; use predictive='sampling' to predict.")
-        groups, factors = self.bind(fn), self._on(fn.device)
+        groups, factors = self.match_groups(fn), self._on(fn.device)
         out = []
         for _ in range(n_samples):
             values = dict(self.values)

@@ -9,18 +9,19 @@ import torch
 
 from ..function import AdapterFn, model_mode
 from ..predictive import Predictive
-from . import require_fitted
+from . import Needs, require_fitted, sample_count
 
 
 class MAP:
     """The fine-tuned adapter itself; ``predict`` returns its logits as one sample ``[1, B, C]``."""
 
     name = "map"
+    needs = Needs()
 
     def __init__(self):
         self.values: dict[str, torch.Tensor] | None = None
 
-    def fit(self, fn: AdapterFn, loader=None, *, val_loader=None) -> MAP:
+    def fit(self, fn: AdapterFn, loader=None, *, val_loader=None, checkpoints=None) -> MAP:
         """Snapshot the adapter currently in the model (no data needed)."""
         self.values = fn.params.values()
         return self
@@ -28,6 +29,7 @@ class MAP:
     @torch.no_grad()
     def predict(self, fn: AdapterFn, batch, *, n_samples: int | None = None, generator=None) -> Predictive:
         values = require_fitted(self, "values")
+        sample_count(self.name, n_samples, 1)  # a point estimate: every valid n_samples gives its logits
         with model_mode(fn.model, False):
             return Predictive.point(fn(values, batch))
 

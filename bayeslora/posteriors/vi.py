@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from ..function import AdapterFn, model_mode
 from ..predictive import Predictive
 from ..train import dataset_size, seeded
-from . import require_fitted
+from . import Needs, registered_name, require_fitted, sample_count
 from .vi_guides import (
     GUIDES,
     LIKELIHOODS,
@@ -58,7 +58,6 @@ from .vi_guides import (
 )
 
 ELBOS = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO}
-NAMES = {"meanfield": "vi_meanfield", "lowrank": "vi_lowrank", "blob": "vi_blob"}
 FINAL_LR_FRACTION = 0.1  # ClippedAdam's lr decays geometrically to this fraction over a fit
 # Initial posterior std per guide (init_scale=None), chosen by validation NLL post hoc from a MiniLM SST-2 MAP
 # (paper/tables/minilm_vi_tuning.md) like the epochs / scale_lr defaults.
@@ -98,7 +97,7 @@ class Variational:
         seed: seeds the guide's sampling and the loader's shuffling during the fit.
     """
 
-    trains_adapter = False
+    needs = Needs()
 
     def __init__(
         self,
@@ -154,7 +153,8 @@ class Variational:
             raise ValueError(f"kl_warmup_steps: expected an integer >= 0, got {kl_warmup_steps!r}.")
         if not isinstance(n_samples, int) or n_samples < 0:
             raise ValueError(f"n_samples: expected an integer >= 0 (0: posterior mean), got {n_samples!r}.")
-        self.guide_kind, self.name = guide, NAMES[guide]
+        self.guide_kind = guide
+        self.name = registered_name("bayeslora.posteriors.vi:Variational", guide=guide)
         self.steps, self.epochs, self.lr, self.num_particles = steps, float(epochs), float(lr), int(num_particles)
         self.scale_lr = float(scale_lr) if scale_lr is not None else None
         self.elbo, self.kl_weight, self.kl_warmup_steps = elbo, float(kl_weight), int(kl_warmup_steps)
@@ -259,7 +259,7 @@ class Variational:
         self._num_steps += 1
         return stats
 
-    def fit(self, fn: AdapterFn, loader, *, val_loader=None) -> Variational:
+    def fit(self, fn: AdapterFn, loader, *, val_loader=None, checkpoints=None) -> Variational:
         """Fit q by SVI, starting from the adapter currently in ``fn.model`` (the model is not changed)."""
         n = dataset_size(loader)
         total = self.steps if self.steps is not None else max(1, math.ceil(self.epochs * len(loader)))
@@ -326,9 +326,7 @@ class Variational:
         Samples come from running the guide (Pyro samples from the global RNG, so it runs under a forked
         RNG seeded from ``generator``: reproducible, and the caller's RNG is untouched).
         """
-        s = self.n_samples if n_samples is None else int(n_samples)
-        if s < 0:
-            raise ValueError(f"n_samples: expected an integer >= 0 (0: posterior mean), got {n_samples!r}.")
+        s = sample_count(self.name, n_samples, self.n_samples)
         self._ready(fn, batch)
         with model_mode(fn.model, False):
             if s == 0:

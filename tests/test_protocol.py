@@ -1,0 +1,68 @@
+"""Every registered method through the one Posterior protocol and the façade: fit -> predict -> determinism ->
+save -> load -> identical predictions -> config() round trip."""
+
+import pytest
+import torch
+from helpers import TokenDataset, tiny_fn
+
+from bayeslora import BayesianLoRA
+from bayeslora.models import load_model
+from bayeslora.posteriors import METHODS, Needs, Posterior, make_posterior
+
+FAST = {  # small options so each method fits in a second on the tiny model
+    "ensemble": {"k": 2, "train": {"max_steps": 2, "lr": 1e-2, "progress": False}, "progress": False},
+    "vi_meanfield": {"steps": 3, "n_samples": 3, "progress": False},
+    "vi_lowrank": {"steps": 3, "n_samples": 3, "rank": 2, "progress": False},
+    "vi_blob": {"steps": 3, "n_samples": 3, "progress": False},
+    "mc_dropout": {"n_samples": 3},
+    "checkpoint_ensemble": {"m": 2},
+    "kfac_laplace": {"prior_fit": "val_nll", "prior_grid": [1e-2, 1e2, 5]},
+}
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_method_through_the_protocol_and_the_facade(method, tmp_path):
+    fn, _ = tiny_fn("bert", r=2, dropout=0.1)
+    bl = BayesianLoRA(fn.model, fn.readout, method, prior_precision=1.0, **FAST.get(method, {}))
+    assert isinstance(bl.posterior, Posterior) and isinstance(bl.posterior.needs, Needs)
+    ds = TokenDataset(24, seed=3)
+    train, val = ds.loader(8, shuffle=True), ds.loader(8)
+    if bl.posterior.needs.map_adapter:
+        ckpt = {"checkpoint_every": 2, "checkpoint_dir": str(tmp_path / "ckpt")}
+        bl.fit_map(train, {"lr": 1e-2, "max_steps": 4, "progress": False, **ckpt})
+    bl.fit(train, val_loader=val)
+    batch = next(iter(val))
+    first = bl.predict(batch, generator=torch.Generator().manual_seed(5))
+    again = bl.predict(batch, generator=torch.Generator().manual_seed(5))
+    assert first.logits.ndim == 3 and first.logits.shape[1:] == (8, 2) and torch.isfinite(first.logits).all()
+    torch.testing.assert_close(first.logits, again.logits, rtol=0, atol=0)  # deterministic under a generator
+
+    bl.save(tmp_path / "saved")
+    loaded = BayesianLoRA.load(tmp_path / "saved", load_model("tiny-bert", device="cpu", seed=0)[0])
+    assert loaded.method == method
+    after = loaded.predict(batch, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(after.logits, first.logits)
+    config = bl.posterior.config()
+    assert make_posterior(method, **config).config() == config == loaded.posterior.config()
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_n_samples_means_one_thing(method, tmp_path):
+    """None: the default; 0: the posterior mean (a point predictive) where the method has one; negative: an error."""
+    fn, _ = tiny_fn("bert", r=2, dropout=0.1)
+    bl = BayesianLoRA(fn.model, fn.readout, method, prior_precision=1.0, **FAST.get(method, {}))
+    ds = TokenDataset(16, seed=4)
+    if bl.posterior.needs.map_adapter:
+        ckpt = {"checkpoint_every": 1, "checkpoint_dir": str(tmp_path / "ckpt")}
+        bl.fit_map(ds.loader(8), {"lr": 1e-2, "max_steps": 2, "progress": False, **ckpt})
+    bl.fit(ds.loader(8), val_loader=ds.loader(8))
+    batch = next(iter(ds.loader(8)))
+    with pytest.raises(ValueError, match="n_samples: expected None"):
+        bl.predict(batch, n_samples=-1)
+    if method in ("ensemble", "checkpoint_ensemble"):
+        with pytest.raises(ValueError, match="n_samples: .* has no posterior-mean predictive"):
+            bl.predict(batch, n_samples=0)
+        with pytest.raises(ValueError, match="fixed members"):
+            bl.predict(batch, n_samples=7)
+        return
+    assert bl.predict(batch, n_samples=0).num_samples == 1
