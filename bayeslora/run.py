@@ -33,8 +33,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from .calibration import fit_temperature, temperature_scaled
 from .config_check import check_run_config
-from .hydra_store import register as register_method_defaults
 from .data import build_task, make_loader
+from .hydra_store import register as register_method_defaults
 from .io import load_torch, save_json, save_torch
 from .metrics import Predictions
 from .models import LoraSpec, add_lora, load_model, load_tokenizer, locate

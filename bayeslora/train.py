@@ -29,7 +29,7 @@ import contextlib
 import math
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -94,6 +94,50 @@ class TrainConfig:
             _positive("checkpoint_every", self.checkpoint_every)
             if not self.checkpoint_dir:
                 raise ValueError("checkpoint_dir: required when checkpoint_every is set; pass a directory path.")
+
+
+@dataclass
+class TrainStep:
+    """What a :class:`TrainCallback` sees after an optimizer step (or at the end of an epoch).
+
+    Attributes:
+        step: optimizer steps taken so far (1 after the first).
+        epoch: passes over the loader completed before this step (0 during the first).
+        loss: the data loss of this step (mean over its micro-batches); at an epoch's end the last step's.
+        lr: the learning rate this step used.
+        fn: the AdapterFn being trained (its live adapter holds the values after the step).
+        optimizer: the optimizer (read its state; do not step it).
+    """
+
+    step: int
+    epoch: int
+    loss: float
+    lr: float
+    fn: AdapterFn
+    optimizer: torch.optim.Optimizer
+
+
+class TrainCallback:
+    """Hooks into :func:`train_map`: the one way for a method to see the training trajectory (snapshots for
+    SWAG or checkpoint ensembles, optimizer statistics). Override either method; both default to doing nothing."""
+
+    def on_step(self, state: TrainStep) -> None:
+        """After every optimizer step."""
+
+    def on_epoch_end(self, state: TrainStep) -> None:
+        """After every full pass over the loader."""
+
+
+class Checkpointer(TrainCallback):
+    """Save the selected adapter values every ``every`` optimizer steps into ``directory`` (``step_XXXXXXX.pt``)."""
+
+    def __init__(self, every: int, directory: str | os.PathLike):
+        self.every, self.directory = int(every), directory
+        self.paths: list[str] = []
+
+    def on_step(self, state: TrainStep) -> None:
+        if state.step % self.every == 0:
+            self.paths.append(str(save_checkpoint(state.fn, self.directory, state.step)))
 
 
 class TrainingDiverged(ValueError):
@@ -192,13 +236,17 @@ def total_steps(config: TrainConfig, loader: DataLoader) -> int:
     return max(1, math.ceil(config.epochs * per_epoch))
 
 
-def train_map(fn: AdapterFn, loader: DataLoader, config: TrainConfig | None = None) -> TrainResult:
+def train_map(
+    fn: AdapterFn, loader: DataLoader, config: TrainConfig | None = None, callbacks: Sequence[TrainCallback] = ()
+) -> TrainResult:
     """Train the adapter in place to the MAP of CE + Gaussian prior.
 
     Args:
         fn: the AdapterFn of the peft model (its live adapter tensors are trained).
         loader: training batches with ``labels``.
         config: hyper-parameters (defaults: :class:`TrainConfig`).
+        callbacks: :class:`TrainCallback` hooks, called after every optimizer step and epoch (``checkpoint_every``
+            adds a :class:`Checkpointer` after them).
 
     Returns:
         A :class:`TrainResult`. The model's adapter now holds the trained values.
@@ -219,12 +267,24 @@ def train_map(fn: AdapterFn, loader: DataLoader, config: TrainConfig | None = No
         opt, lambda s: min((s + 1) / max(warm, 1), max(0.0, (steps - s) / max(steps - warm, 1)))
     )
     result = TrainResult(steps=0, losses=[], num_train=n, config=asdict(config))
+    checkpointer = Checkpointer(config.checkpoint_every, config.checkpoint_dir) if config.checkpoint_every else None
+    hooks = [*callbacks, *([checkpointer] if checkpointer else [])]
+    epoch = 0
     start = time.perf_counter()
     bar = tqdm(total=steps, desc="train_map", disable=not config.progress, leave=False, dynamic_ncols=True)
     with seeded(loader, config.seed, fn.device), model_mode(fn.model, True):
         micro, running = 0, 0.0
+
+        def end_epoch() -> None:
+            nonlocal epoch
+            epoch += 1
+            if result.losses:
+                done = TrainStep(result.steps, epoch, result.losses[-1], opt.param_groups[0]["lr"], fn, opt)
+                for hook in hooks:
+                    hook.on_epoch_end(done)
+
         while result.steps < steps:
-            for batch in loader:
+            for i, batch in enumerate(loader):
                 logits = fn(None, batch)
                 data_loss = torch.nn.functional.cross_entropy(logits, fn.labels(batch))
                 if not torch.isfinite(data_loss):
@@ -244,6 +304,7 @@ def train_map(fn: AdapterFn, loader: DataLoader, config: TrainConfig | None = No
                 running = distributed.sync_step_(list(params.values()), running)  # no-op on one process
                 if config.clip is not None:
                     torch.nn.utils.clip_grad_norm_(list(params.values()), config.clip)
+                lr = opt.param_groups[0]["lr"]
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
@@ -252,13 +313,19 @@ def train_map(fn: AdapterFn, loader: DataLoader, config: TrainConfig | None = No
                 _check_divergence(result.losses, config)
                 bar.update(1)
                 bar.set_postfix(loss=f"{running:.4f}")
+                state = TrainStep(result.steps, epoch, running, lr, fn, opt)
+                for hook in hooks:
+                    hook.on_step(state)
                 running = 0.0
-                if config.checkpoint_every and result.steps % config.checkpoint_every == 0:
-                    result.checkpoints.append(str(save_checkpoint(fn, config.checkpoint_dir, result.steps)))
                 if result.steps >= steps:
+                    if i + 1 == len(loader):  # the last step ended a full pass
+                        end_epoch()
                     break
+            else:
+                end_epoch()
     bar.close()
     opt.zero_grad(set_to_none=True)
+    result.checkpoints = list(checkpointer.paths) if checkpointer else []
     result.seconds = time.perf_counter() - start
     return result
 

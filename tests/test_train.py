@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 from helpers import TokenDataset, tiny_fn
@@ -92,3 +94,36 @@ def test_bad_config_and_empty_data():
     fn, _ = tiny_fn("bert")
     with pytest.raises(ValueError, match="training dataset is empty"):
         train_map(fn, TokenDataset(0).loader(4), TrainConfig(max_steps=1, progress=False))
+
+
+def test_callbacks_see_every_step_and_epoch(tmp_path):
+    from bayeslora.train import TrainCallback
+
+    class Recorder(TrainCallback):
+        def __init__(self):
+            self.steps, self.epochs, self.lrs, self.snap = [], [], [], []
+
+        def on_step(self, state):
+            self.steps.append((state.step, state.epoch, state.loss))
+            self.lrs.append(state.lr)
+            self.snap.append({k: v.clone() for k, v in state.fn.params.values().items()})
+
+        def on_epoch_end(self, state):
+            self.epochs.append((state.step, state.epoch))
+
+    fn, _ = tiny_fn("bert")
+    ds = TokenDataset(24, seed=1)
+    rec = Recorder()
+    config = TrainConfig(lr=1e-2, epochs=2, warmup_ratio=0.0, progress=False, checkpoint_every=2,
+                         checkpoint_dir=str(tmp_path))  # fmt: skip
+    result = train_map(fn, ds.loader(8), config, callbacks=[rec])
+    assert [s for s, _, _ in rec.steps] == list(range(1, 7)) and [e for _, e, _ in rec.steps] == [0, 0, 0, 1, 1, 1]
+    assert [loss for _, _, loss in rec.steps] == result.losses
+    assert rec.epochs == [(3, 1), (6, 2)]
+    assert rec.lrs[0] == pytest.approx(1e-2) and rec.lrs[-1] < rec.lrs[0]  # linear decay
+    final = fn.params.values()
+    assert all(torch.equal(rec.snap[-1][k], final[k]) for k in final)  # the values after the step
+    assert [Path(p).name for p in result.checkpoints] == ["step_0000002.pt", "step_0000004.pt", "step_0000006.pt"]
+    for path, snap in zip(result.checkpoints, rec.snap[1::2]):  # the checkpointer is a callback like any other
+        saved = torch.load(path, weights_only=True)["values"]
+        assert all(torch.equal(saved[k], snap[k].cpu()) for k in saved)
