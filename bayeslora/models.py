@@ -16,7 +16,6 @@ file (``path/to/model.gguf``, de-quantised by transformers; needs the ``gguf`` p
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,7 +24,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-FORMATS = ("seq_cls", "mc")
+from .formats import FORMATS, PADDING_SIDE
+from .rng import forked
+
 MODELS = ("minilm", "smollm2-135m", "gemma3-270m", "tiny-bert", "tiny-llama")
 _DEFAULT_TARGETS = {
     "bert": ["query", "value"],
@@ -143,7 +144,7 @@ def load_tokenizer(source: ModelSource, format: str):
         tok = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    tok.padding_side = "left" if format == "mc" else "right"
+    tok.padding_side = PADDING_SIDE[format]
     return tok
 
 
@@ -232,11 +233,8 @@ def load_model(
     return model.to(dev).eval(), tok
 
 
-@contextlib.contextmanager
 def _seeded(seed: int):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
+    return forked("cpu", seed)
 
 
 # ----------------------------------------------------------------------------- LoRA

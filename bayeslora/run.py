@@ -31,6 +31,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from .adapter_state import list_checkpoints, load_trained, trained_values
 from .calibration import fit_temperature, temperature_scaled
 from .config_check import check_run_config
 from .data import build_task, make_loader
@@ -43,7 +44,7 @@ from .posteriors import accepts
 from .results import digest, identity_mismatch, map_identity, run_id, run_identity, setting_id
 from .sweep import file_lock, remove_stale_temporaries, run_device
 from .tables import TS_SUFFIX
-from .train import TrainConfig, TrainResult, list_checkpoints, load_trained, trained_values
+from .train import TrainConfig, TrainResult
 from .wrapper import BayesianLoRA
 
 METRIC_KEYS = ("acc", "ece", "nll", "brier")

@@ -25,21 +25,22 @@ with a ``world_size``-times larger batch.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from . import distributed
+from .adapter_state import save_checkpoint, trainable_parameters
+from .data.collate import dataset_size
 from .function import AdapterFn, model_mode
-from .io import load_torch, save_torch
+from .rng import seeded
+from .validate import positive
 
 
 @dataclass
@@ -78,20 +79,20 @@ class TrainConfig:
     eps: float = 1e-8
 
     def __post_init__(self):
-        _positive("lr", self.lr)
+        positive("lr", self.lr)
         if self.max_steps is None:
-            _positive("epochs", self.epochs)
+            positive("epochs", self.epochs)
         else:
-            _positive("max_steps", self.max_steps)
-        _positive("grad_accum", self.grad_accum)
+            positive("max_steps", self.max_steps)
+        positive("grad_accum", self.grad_accum)
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ValueError(f"warmup_ratio: expected a value in [0, 1), got {self.warmup_ratio!r}.")
         if self.prior_precision < 0:
             raise ValueError(f"prior_precision: expected >= 0, got {self.prior_precision!r}.")
         if self.divergence_factor is not None:
-            _positive("divergence_factor", self.divergence_factor)
+            positive("divergence_factor", self.divergence_factor)
         if self.checkpoint_every is not None:
-            _positive("checkpoint_every", self.checkpoint_every)
+            positive("checkpoint_every", self.checkpoint_every)
             if not self.checkpoint_dir:
                 raise ValueError("checkpoint_dir: required when checkpoint_every is set; pass a directory path.")
 
@@ -162,71 +163,6 @@ class TrainResult:
     seconds: float = 0.0
     num_train: int = 0
     config: dict = field(default_factory=dict)
-
-
-def _positive(name: str, value) -> None:
-    if value is None or not value > 0:
-        raise ValueError(f"{name}: expected a positive number, got {value!r}.")
-
-
-def dataset_size(loader: DataLoader) -> int:
-    """N, the number of training examples behind a loader."""
-    try:
-        n = len(loader.dataset)
-    except (AttributeError, TypeError) as err:
-        raise TypeError(
-            "loader: expected a torch DataLoader over a sized dataset (N is needed for the prior term); "
-            f"got {type(loader).__name__}."
-        ) from err
-    if n == 0:
-        raise ValueError("loader: the training dataset is empty; check the task split or max_train.")
-    return n
-
-
-@contextlib.contextmanager
-def seeded(loader: DataLoader, seed: int, device: torch.device) -> Iterator[None]:
-    """Seed dropout (a forked RNG) and the loader's shuffling for the duration; restore afterwards."""
-    devices = [device.index or 0] if device.type == "cuda" else []
-    sampler = getattr(loader, "sampler", None)
-    sampler = getattr(sampler, "base", sampler)  # distributed.shard(): the global sampler behind the rank's share
-    old = sampler.generator if isinstance(sampler, RandomSampler) else None
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        if isinstance(sampler, RandomSampler):
-            sampler.generator = torch.Generator().manual_seed(seed)
-        try:
-            yield
-        finally:
-            if isinstance(sampler, RandomSampler):
-                sampler.generator = old
-
-
-def trainable_parameters(fn: AdapterFn) -> dict[str, torch.nn.Parameter]:
-    """The selected adapter tensors plus any other parameter peft marked trainable."""
-    params = dict(fn.params.tensors())
-    for name, p in fn.model.named_parameters():
-        if p.requires_grad and name not in params:
-            params[name] = p
-    return params
-
-
-def trained_values(fn: AdapterFn) -> dict[str, torch.Tensor]:
-    """Detached copies of every tensor :func:`train_map` trains (a complete fine-tuned adapter)."""
-    return {n: p.detach().clone() for n, p in trainable_parameters(fn).items()}
-
-
-@torch.no_grad()
-def load_trained(fn: AdapterFn, values: Mapping[str, torch.Tensor], argument: str = "values") -> None:
-    """Copy :func:`trained_values` output back into the model (in place, onto each parameter's device/dtype)."""
-    fn.params.check({k: v for k, v in values.items() if k in fn.params.names}, argument=argument)
-    named = dict(fn.model.named_parameters())
-    unknown = [k for k in values if k not in named]
-    if unknown:
-        raise ValueError(
-            f"{argument}: tensors {unknown[:3]} are not parameters of the model; use values saved from this model."
-        )
-    for k, v in values.items():
-        named[k].copy_(v.to(device=named[k].device, dtype=named[k].dtype))
 
 
 def total_steps(config: TrainConfig, loader: DataLoader) -> int:
@@ -341,19 +277,3 @@ def _check_divergence(losses: list[float], config: TrainConfig) -> None:
             f"loss {first:.4g} + {k:g}; lower lr (now {config.lr:g}), keep clip set (now {config.clip}), or raise "
             "warmup_ratio. Nothing was saved as the MAP."
         )
-
-
-def save_checkpoint(fn: AdapterFn, directory: str | os.PathLike, step: int) -> Path:
-    """Save the selected adapter values (CPU) to ``directory/step_XXXXXXX.pt`` atomically."""
-    values = {k: v.cpu() for k, v in fn.params.values().items()}
-    return save_torch({"step": step, "values": values}, Path(directory) / f"step_{step:07d}.pt")
-
-
-def list_checkpoints(directory: str | os.PathLike) -> list[Path]:
-    """Checkpoint files written by :func:`train_map`, oldest step first."""
-    return sorted(Path(directory).glob("step_*.pt"))
-
-
-def load_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """The adapter values stored in a checkpoint."""
-    return load_torch(path)["values"]

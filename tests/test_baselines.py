@@ -2,12 +2,13 @@ import pytest
 import torch
 from helpers import TokenDataset, randomize_lora_b, tiny_fn
 
+from bayeslora.adapter_state import list_checkpoints, load_checkpoint
 from bayeslora.calibration import TemperatureBoundWarning, fit_temperature
 from bayeslora.metrics import accuracy
 from bayeslora.posteriors import Needs, make_posterior
 from bayeslora.posteriors.baselines import CheckpointEnsemble, MCDropout, TemperatureScaling
 from bayeslora.posteriors.map import MAP
-from bayeslora.train import TrainConfig, list_checkpoints, load_checkpoint, train_map
+from bayeslora.train import TrainConfig, train_map
 
 
 def test_temperature_recovers_a_known_temperature_and_keeps_accuracy():

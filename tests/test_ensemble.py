@@ -5,10 +5,11 @@ import torch
 from helpers import TokenDataset, tiny_fn
 
 from bayeslora import BayesianLoRA
+from bayeslora.adapter_state import trainable_parameters
 from bayeslora.posteriors import make_posterior
 from bayeslora.posteriors.ensemble import Ensemble, reinitialise
 from bayeslora.posteriors.map import MAP
-from bayeslora.train import TrainConfig, train_map, trainable_parameters
+from bayeslora.train import TrainConfig, train_map
 
 TRAIN = {"lr": 1e-2, "max_steps": 4, "progress": False}
 
@@ -172,7 +173,7 @@ def test_save_load_all_members(tmp_path):
 
 def test_bad_arguments():
     for k in (0, -1, 2.5, True, "3"):
-        with pytest.raises(ValueError, match="k: expected the number of ensemble members"):
+        with pytest.raises(ValueError, match="k: expected a positive integer"):
             Ensemble(k=k)
     with pytest.raises(ValueError, match="seeds: expected k=3 seeds"):
         Ensemble(k=3, seeds=[1, 2])

@@ -4,9 +4,10 @@ import pytest
 import torch
 from helpers import TokenDataset, tiny_fn
 
+from bayeslora.adapter_state import list_checkpoints, load_checkpoint
 from bayeslora.function import model_mode
 from bayeslora.metrics import accuracy
-from bayeslora.train import TrainConfig, list_checkpoints, load_checkpoint, train_map
+from bayeslora.train import TrainConfig, train_map
 
 
 def _acc(fn, loader):

@@ -29,6 +29,7 @@ from ..function import AdapterFn
 from ..models import LoraSpec, add_lora
 from ..params import AdapterParams
 from ..readout import AnswerTokenLogits
+from ..rng import forked
 
 SIZES: dict[str, dict[str, int]] = {
     "tiny": dict(hidden_size=64, num_hidden_layers=2, intermediate_size=128, num_attention_heads=4,
@@ -113,8 +114,7 @@ def build_base(size: str, device: torch.device, dtype: torch.dtype, seed: int = 
     if size not in SIZES:
         raise ValueError(f"size: expected one of {sorted(SIZES)}, got {size!r}.")
     config = LlamaConfig(**SIZES[size], max_position_embeddings=8192, tie_word_embeddings=False, pad_token_id=0)
-    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []), torch.device(device):
-        torch.manual_seed(seed)
+    with forked(device, seed), torch.device(device):
         model = LlamaForCausalLM._from_config(config, dtype=dtype)
     return model.eval()
 

@@ -14,13 +14,33 @@ every schema), :mod:`.registry` (the tasks and their splits), :mod:`.prompts` (t
 :mod:`.collate` (``make_loader``), :mod:`.generic` (user jsonl/csv files).
 """
 
-from .collate import PadCollator, make_loader
-from .encode import FORMATS, PADDING_SIDE
-from .normalize import Record
-from .prompts import LETTERS, mc_prompt
-from .registry import TASKS, TaskSpec
-from .sources import DEMO_ROOT, ENV_VAR, data_root
-from .tasks import TaskData, build_task
+import importlib
+from typing import Any
+
+# Submodules load on first use (PEP 562): ``bayeslora.data.collate`` needs neither ``datasets`` nor the tokenizers.
+_WHERE = {
+    "PadCollator": "collate",
+    "make_loader": "collate",
+    "dataset_size": "collate",
+    "Record": "normalize",
+    "LETTERS": "prompts",
+    "mc_prompt": "prompts",
+    "TASKS": "registry",
+    "TaskSpec": "registry",
+    "DEMO_ROOT": "sources",
+    "ENV_VAR": "sources",
+    "data_root": "sources",
+    "TaskData": "tasks",
+    "build_task": "tasks",
+}
+from ..formats import FORMATS, PADDING_SIDE  # noqa: E402
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "DEMO_ROOT",
@@ -35,6 +55,7 @@ __all__ = [
     "TaskSpec",
     "build_task",
     "data_root",
+    "dataset_size",
     "make_loader",
     "mc_prompt",
 ]

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from .encode import FORMATS, PADDING_SIDE
+from ..formats import FORMATS, PADDING_SIDE
 
 _PAD_VALUES = {"attention_mask": 0, "token_type_ids": 0}
 SIDES = ("left", "right")
@@ -118,3 +118,17 @@ def make_loader(
     return DataLoader(
         dataset, batch_size=int(batch_size), shuffle=bool(shuffle), generator=generator, collate_fn=collate
     )
+
+
+def dataset_size(loader: DataLoader) -> int:
+    """N, the number of training examples behind a loader."""
+    try:
+        n = len(loader.dataset)
+    except (AttributeError, TypeError) as err:
+        raise TypeError(
+            "loader: expected a torch DataLoader over a sized dataset (N is needed for the prior term); "
+            f"got {type(loader).__name__}."
+        ) from err
+    if n == 0:
+        raise ValueError("loader: the training dataset is empty; check the task split or max_train.")
+    return n

@@ -13,11 +13,10 @@ from typing import Any
 
 import datasets
 
+from ..formats import FORMATS
 from .normalize import Record
 from .prompts import ANSWER_CUE, mc_prompt, seq_cls_texts
 
-FORMATS = ("seq_cls", "mc")
-PADDING_SIDE = {"seq_cls": "right", "mc": "left"}
 _COLUMN_TYPES = {"input_ids": "int32", "attention_mask": "int8", "token_type_ids": "int8"}
 
 

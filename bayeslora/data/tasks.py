@@ -11,7 +11,6 @@ labels; tokenize.
 
 from __future__ import annotations
 
-import numbers
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -19,9 +18,11 @@ from typing import Any
 
 import datasets
 
+from ..formats import FORMATS, PADDING_SIDE
 from ..readout import AnswerTokenLogits, Readout, SequenceClassificationLogits
+from ..validate import is_int
 from . import generic as G
-from .encode import FORMATS, PADDING_SIDE, encode
+from .encode import encode
 from .normalize import Record, normalize_rows
 from .prompts import letters
 from .registry import ALL, TASKS, TaskSpec
@@ -170,28 +171,24 @@ def _spec(name: Any) -> TaskSpec:
     return TASKS[name]
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def _check_arguments(format: Any, max_length: Any, max_train: Any, max_eval: Any, val_size: Any, seed: Any) -> None:
     if format not in FORMATS:
         raise ValueError(
             f"format: expected one of {list(FORMATS)}, got {format!r}; use 'seq_cls' for an encoder with a "
             "classification head or 'mc' for a causal LM scored on answer letters."
         )
-    if not _is_int(max_length) or max_length < 1:
+    if not is_int(max_length) or max_length < 1:
         raise ValueError(f"max_length: expected a positive int (tokens), got {max_length!r}.")
     for arg, value in (("max_train", max_train), ("max_eval", max_eval)):
-        if value is not None and (not _is_int(value) or value < 0):
+        if value is not None and (not is_int(value) or value < 0):
             raise ValueError(f"{arg}: expected None (all rows) or a non-negative int, got {value!r}.")
     fraction = isinstance(val_size, float) and 0.0 < val_size < 1.0
-    if not (fraction or (_is_int(val_size) and val_size >= 1)):
+    if not (fraction or (is_int(val_size) and val_size >= 1)):
         raise ValueError(
             f"val_size: expected a fraction in (0, 1) or a row count >= 1 for the validation split carved from "
             f"train, got {val_size!r}; e.g. val_size=0.1."
         )
-    if not _is_int(seed):
+    if not is_int(seed):
         raise TypeError(f"seed: expected an int, got {type(seed).__name__} {seed!r}.")
 
 

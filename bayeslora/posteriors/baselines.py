@@ -16,10 +16,12 @@ from typing import Any
 
 import torch
 
+from ..adapter_state import list_checkpoints, load_checkpoint
 from ..calibration import fit_temperature, temperature_predictive
 from ..function import AdapterFn, lora_dropout_only, model_mode
 from ..predictive import Predictive
-from ..train import list_checkpoints, load_checkpoint
+from ..rng import forked, seed_from
+from ..validate import positive_int
 from . import Needs, accepts, make_posterior, require_fitted, sample_count
 
 
@@ -106,13 +108,6 @@ class TemperatureScaling:
         self.base.load_state_dict(state["base"])
 
 
-def _seed_from(generator: torch.Generator | None) -> int:
-    """A seed drawn from ``generator`` (or a fixed one), so sampling is reproducible without the global RNG."""
-    if generator is None:
-        return 0
-    return int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
-
-
 class MCDropout:
     """MC dropout (Gal & Ghahramani, ICML 2016) on the LoRA dropout of the fine-tuned adapter.
 
@@ -132,8 +127,7 @@ class MCDropout:
     needs = Needs()
 
     def __init__(self, n_samples: int = 16, p: float | None = None, include_model_dropout: bool = False):
-        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-            raise ValueError(f"n_samples: expected an integer >= 1, got {n_samples!r}.")
+        positive_int("n_samples", n_samples)
         if p is not None and (isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 <= p < 1.0):
             raise ValueError(f"p: expected a dropout probability in [0, 1) or None, got {p!r}.")
         self.n_samples = n_samples
@@ -163,10 +157,8 @@ class MCDropout:
         if s == 0:  # the posterior mean: dropout off, the fine-tuned adapter
             with model_mode(fn.model, False):
                 return Predictive.point(fn(values, batch))
-        devices = [fn.device.index or 0] if fn.device.type == "cuda" else []
         mode = model_mode(fn.model, True) if self.include_model_dropout else lora_dropout_only(fn.model)
-        with torch.random.fork_rng(devices=devices), mode, _dropout_p(fn.model, self.p):
-            torch.manual_seed(_seed_from(generator))
+        with forked(fn.device, seed_from(generator)), mode, _dropout_p(fn.model, self.p):
             return Predictive(torch.stack([fn(values, batch) for _ in range(s)]))
 
     def config(self) -> dict[str, Any]:
@@ -216,8 +208,7 @@ class CheckpointEnsemble:
     name = "checkpoint_ensemble"
 
     def __init__(self, m: int = 3, checkpoint_dir: str | None = None):
-        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-            raise ValueError(f"m: expected the number of checkpoints as an integer >= 1, got {m!r}.")
+        positive_int("m", m)
         self.m = m
         self.checkpoint_dir = checkpoint_dir
         self.members: list[dict[str, torch.Tensor]] | None = None

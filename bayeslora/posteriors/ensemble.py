@@ -20,9 +20,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..adapter_state import load_trained, trained_values
 from ..function import AdapterFn, model_mode
 from ..predictive import Predictive
-from ..train import TrainConfig, load_trained, train_map, trained_values
+from ..rng import forked
+from ..train import TrainConfig, train_map
+from ..validate import positive_int
 from . import Needs, require_fitted, sample_count
 
 _NOT_PER_MEMBER = ("seed", "checkpoint_every", "checkpoint_dir")
@@ -48,9 +51,7 @@ def reinitialise(fn: AdapterFn, seed: int) -> None:
         init = True
     base = fn.model.get_base_model() if hasattr(fn.model, "get_base_model") else None
     init_module = getattr(base, "_init_weights", None)
-    devices = [fn.device.index or 0] if fn.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices), torch.no_grad():
-        torch.manual_seed(seed)
+    with forked(fn.device, seed), torch.no_grad():
         for module in fn.model.modules():
             if isinstance(module, LoraLayer) and adapter in module.lora_A:
                 module.reset_lora_parameters(adapter, init)
@@ -101,8 +102,7 @@ class Ensemble:
         include_current: bool = True,
         progress: bool = True,
     ):
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"k: expected the number of ensemble members as an integer >= 1, got {k!r}.")
+        positive_int("k", k)
         if seeds is not None and len(seeds) != k:
             raise ValueError(f"seeds: expected k={k} seeds, got {len(seeds)}; pass one seed per member or None.")
         if seeds is not None and len(set(seeds)) != k:

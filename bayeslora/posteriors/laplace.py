@@ -38,10 +38,11 @@ from typing import Any
 
 import torch
 
+from ..data.collate import dataset_size
 from ..function import AdapterFn, model_mode
 from ..params import ParamGroup
 from ..predictive import Predictive
-from ..train import dataset_size
+from ..validate import choice, positive_int
 from . import Needs, registered_name, require_fitted, sample_count
 from .glm import coordinates, functional_covariance, mc_logits, probit
 from .kfac import FISHERS, KFAC_APPROX, Factor, as_matrix, factor_from_state, fit_curvature, from_matrix
@@ -53,20 +54,6 @@ BACKENDS = ("own", "laplace-torch")
 DEFAULT_SAMPLES = {"glm_probit": 1, "glm_mc": 1000, "sampling": 32}
 EPISTEMIC_SAMPLES = 512  # logit samples of the GLM Gaussian for the probit predictive's mutual information
 PRIOR_BOUNDS = (1e-8, 1e8)
-
-
-def _choice(name: str, value: Any, options: Sequence[Any]) -> Any:
-    if value not in options:
-        raise ValueError(f"{name}: expected one of {list(options)}, got {value!r}.")
-    return value
-
-
-def _positive_int(name: str, value: Any, allow_none: bool = False) -> int | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: expected a positive integer{' or None' if allow_none else ''}, got {value!r}.")
-    return value
 
 
 def head_groups(groups: Sequence[ParamGroup]) -> list[ParamGroup]:
@@ -121,25 +108,25 @@ class Laplace:
         chunk_size: int | None = None,
         seed: int = 0,
     ):
-        self.structure = _choice("structure", structure, STRUCTURES)
-        self.backend = _choice("backend", backend, BACKENDS)
-        self.fisher = _choice("fisher", fisher, FISHERS)
-        self.mc_samples = _positive_int("mc_samples", mc_samples)
-        self.kfac_approx = _choice("kfac_approx", kfac_approx, KFAC_APPROX)
-        self.rank = _positive_int("rank", rank, allow_none=True)
-        self.lowrank_threshold = _positive_int("lowrank_threshold", lowrank_threshold)
-        self.predictive = _choice("predictive", predictive, PREDICTIVES)
-        self.n_samples = _positive_int("n_samples", n_samples, allow_none=True)
+        self.structure = choice("structure", structure, STRUCTURES)
+        self.backend = choice("backend", backend, BACKENDS)
+        self.fisher = choice("fisher", fisher, FISHERS)
+        self.mc_samples = positive_int("mc_samples", mc_samples)
+        self.kfac_approx = choice("kfac_approx", kfac_approx, KFAC_APPROX)
+        self.rank = positive_int("rank", rank, allow_none=True)
+        self.lowrank_threshold = positive_int("lowrank_threshold", lowrank_threshold)
+        self.predictive = choice("predictive", predictive, PREDICTIVES)
+        self.n_samples = positive_int("n_samples", n_samples, allow_none=True)
         if not (isinstance(prior_precision, (int, float)) and 0 < prior_precision < math.inf):
             raise ValueError(f"prior_precision: expected a finite number > 0, got {prior_precision!r}.")
         self.prior_precision = float(prior_precision)
-        self.prior_fit = _choice("prior_fit", prior_fit, PRIOR_FITS)
+        self.prior_fit = choice("prior_fit", prior_fit, PRIOR_FITS)
         self.prior_per_layer = bool(prior_per_layer)
         grid = list(prior_grid)
         if len(grid) != 3 or not 0 < grid[0] < grid[1] or int(grid[2]) < 2:
             raise ValueError(f"prior_grid: expected [low, high, points] with 0 < low < high, points >= 2, got {grid}.")
         self.prior_grid = [float(grid[0]), float(grid[1]), int(grid[2])]
-        self.chunk_size = _positive_int("chunk_size", chunk_size, allow_none=True)
+        self.chunk_size = positive_int("chunk_size", chunk_size, allow_none=True)
         self.seed = int(seed)
         self.factors: list[Factor] | None = None
         self.lt = None  # the laplace-torch backend object

@@ -42,9 +42,11 @@ from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 from pyro.optim import ClippedAdam
 from tqdm.auto import tqdm
 
+from ..data.collate import dataset_size
 from ..function import AdapterFn, model_mode
 from ..predictive import Predictive
-from ..train import dataset_size, seeded
+from ..rng import forked, seed_from, seeded
+from ..validate import positive
 from . import Needs, registered_name, require_fitted, sample_count
 from .vi_guides import (
     GUIDES,
@@ -53,7 +55,6 @@ from .vi_guides import (
     is_spread_param,
     local_param_store,
     make_guide,
-    positive,
     scaled_guide,
 )
 
@@ -291,7 +292,7 @@ class Variational:
                 f"{names[:2]}, model {fn.params.names[:2]}); load it onto the same model and AdapterParams selection."
             )
         self.bind(fn, int(state["num_data"]), prior_loc=state["prior_loc"])
-        with torch.random.fork_rng(devices=_cuda(fn.device)), torch.no_grad(), self.param_store():
+        with forked(fn.device), torch.no_grad(), self.param_store():
             self.guide(batch, 1.0, False)  # autoguides create their parameters lazily on the first call
         params = self._store["params"]
         if set(params) != set(state["guide"]):
@@ -331,10 +332,9 @@ class Variational:
         with model_mode(fn.model, False):
             if s == 0:
                 return Predictive.point(fn(self.mean(fn, batch), batch))
-            seed = int(torch.randint(0, 2**62, (), generator=generator, device=getattr(generator, "device", "cpu")))
+            seed = seed_from(generator)
             logits = []
-            with torch.random.fork_rng(devices=_cuda(fn.device)), self.param_store():
-                torch.manual_seed(seed)
+            with forked(fn.device, seed), self.param_store():
                 for _ in range(s):
                     logits.append(fn(self._named(self.guide(batch, 1.0, False)), batch))
             return Predictive(torch.stack(logits))
@@ -369,7 +369,3 @@ class Variational:
             raise ValueError(f"state: not a Variational state_dict (missing {missing}); pass Variational.state_dict().")
         self._pending = dict(state)
         self._svi = None
-
-
-def _cuda(device: torch.device) -> list[int]:
-    return [device.index or 0] if device.type == "cuda" else []

@@ -231,14 +231,5 @@ def _signs(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
     return torch.empty(shape, device=like.device, dtype=like.dtype).bernoulli_(0.5).mul_(2).sub_(1)
 
 
-def positive(name: str, value, kind=float) -> None:
-    """Raise a ValueError unless ``value`` is a positive number of type ``kind``."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
-    if kind is int:
-        ok = ok and float(value).is_integer()
-    if not ok:
-        raise ValueError(f"{name}: expected a positive {'integer' if kind is int else 'number'}, got {value!r}.")
-
-
 __all__ = ["GUIDES", "AdapterModel", "BlobGuide", "flipout_hooks", "local_param_store", "make_guide", "site_names",
            "scaled_guide"]  # fmt: skip
