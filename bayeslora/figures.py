@@ -21,10 +21,9 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from .io import load_torch
 from .metrics import ECE_BINS, Predictions, ece
 from .plots import _pyplot, _save, reliability_bins, risk_coverage_plot
-from .tables import collect, row_label, row_variants, select
+from .results import OOD_PREFIX, TS_KEY, RunRecord, collect, row_label, row_variants, select
 
 
 def reliability_grid(
@@ -73,11 +72,11 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")
 
 
-def _seed_predictions(runs: list[dict], key: str, ts_rows: bool) -> tuple[dict[str, Predictions], int | None]:
+def _seed_predictions(runs: list[RunRecord], key: str, ts_rows: bool) -> tuple[dict[str, Predictions], int | None]:
     """``{method label: Predictions}`` of split ``key`` for the lowest seed common to all methods."""
-    by_label: dict[str, dict[int, dict]] = defaultdict(dict)
+    by_label: dict[str, dict[int, RunRecord]] = defaultdict(dict)
     for run in runs:
-        by_label[row_label(run)][int(run["seed"])] = run
+        by_label[row_label(run)][int(run.seed)] = run
     common = set.intersection(*(set(seeds) for seeds in by_label.values())) if by_label else set()
     if not common:
         return {}, None
@@ -85,7 +84,7 @@ def _seed_predictions(runs: list[dict], key: str, ts_rows: bool) -> tuple[dict[s
     out: dict[str, Predictions] = {}
     for seeds in by_label.values():
         run = seeds[seed]
-        preds = load_torch(Path(run["_dir"]) / "predictions.pt")
+        preds = run.predictions()
         for name, suffix in row_variants(run, ts_rows):
             if key + suffix in preds:
                 out[name] = Predictions.from_state_dict(preds[key + suffix])
@@ -108,20 +107,20 @@ def make_figures(
 
     ``columns``: only the figures of these table columns (datasets, or OOD sets in the ``ood`` layout)."""
     runs = select(collect(results_dir), model=model, data=data, where=str(results_dir))
-    groups: dict[str, list[dict]] = defaultdict(list)
+    groups: dict[str, list[RunRecord]] = defaultdict(list)
     for run in runs:
-        groups[run["data"]].append(run)
+        groups[run.data].append(run)
     written = []
     for name, group in groups.items():
         keys = [(split, name)] if layout == "ood" or columns is None or name in columns else []
         if layout == "ood":
-            shifted = sorted({k for r in group for k in (r.get("ood") or {}) if not k.endswith("_ts")})
-            keys += [(f"ood/{s}", f"{name}_to_{s}") for s in shifted if columns is None or s in columns]
+            shifted = sorted({k for r in group for k in (r.ood or {}) if not k.endswith(TS_KEY)})
+            keys += [(f"{OOD_PREFIX}{s}", f"{name}_to_{s}") for s in shifted if columns is None or s in columns]
         for key, tag in keys:
             preds, seed = _seed_predictions(group, key, ts_rows)
             if not preds:
                 continue
-            title = f"{tag} · {group[0]['model']} · {key} (seed {seed})"
+            title = f"{tag} · {group[0].model} · {key} (seed {seed})"
             out = Path(out_dir)
             written.append(reliability_grid(preds, out / f"{prefix}_reliability_{_slug(tag)}.png", title=title))
             written.append(risk_coverage_plot(preds, out / f"{prefix}_risk_coverage_{_slug(tag)}.png", title=title))

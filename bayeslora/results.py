@@ -1,4 +1,10 @@
-"""What identifies a run, and how stored runs are told apart.
+"""The results store: the run record, what identifies a run, and how stored runs are collected and told apart.
+
+A run directory holds ``metrics.json`` (a :class:`RunRecord`, written last and atomically) and ``predictions.pt``
+(per-example :class:`~bayeslora.metrics.Predictions` by key: each split, ``<split>_ts`` for its
+temperature-scaled row, ``ood/<name>`` and ``ood/<name>_ts`` for shifted sets). :func:`collect` reads every
+record under a results directory, :func:`select` keeps one model (and training set), :func:`row_variants`
+gives a record's table rows. :mod:`bayeslora.tables` and :mod:`bayeslora.figures` are built on these.
 
 A run is identified by **everything that changes its result**: the resolved config minus the keys in
 :data:`RUNTIME_KEYS` (where and how it runs: devices, paths of the results store, progress bars, evaluation
@@ -20,11 +26,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+
+from .io import load_torch, save_json
+
+TS_SUFFIX = " + TS"  # a method's temperature-scaled row is labelled f"{label}{TS_SUFFIX}"
+TS_KEY = "_ts"  # ... and its split / OOD set keys end in TS_KEY
+OOD_PREFIX = "ood/"  # predictions.pt key of a shifted set: f"{OOD_PREFIX}{name}"
+METRICS_FILE = "metrics.json"
+PREDICTIONS_FILE = "predictions.pt"
 
 # Dotted keys that never change a run's result: where and how it runs, what it is called.
 RUNTIME_KEYS = frozenset(
@@ -148,6 +165,137 @@ def register_resolver() -> None:
 register_resolver()
 
 
+# ----------------------------------------------------------------------------- the run record
+@dataclass
+class RunRecord:
+    """One run's ``metrics.json``.
+
+    Attributes (as written): the run's task / data config name / model / method / method label / seed / prior
+    precision; ``num_classes`` and the split sizes; ``splits`` (metrics of every evaluated split and of its
+    ``_ts`` row); ``label_counts`` (per split); ``temperature`` (of the ``+ TS`` rows); ``ood`` / ``ood_info``
+    (shifted sets); the main split's ``acc``, ``ece``, ``nll``, ``brier``, ``aurc``; ``data_info`` (provenance),
+    ``map`` (the MAP training or cache entry), ``timings``, ``device``, ``run_dir``, ``config`` (resolved),
+    ``identity`` / ``run_id`` / ``setting_id`` (:func:`run_identity`), ``bayeslora_version``,
+    ``reliability_diagram``. Keys this version does not know are kept in ``extra``.
+    In memory only: ``directory`` (where it was read from) and ``label`` (its table row, :func:`label_runs`).
+    """
+
+    task: str
+    data: str
+    model: str
+    method: str
+    method_label: str
+    seed: int
+    prior_precision: float | None = None
+    num_classes: int | None = None
+    num_train: int | None = None
+    num_validation: int | None = None
+    num_test: int | None = None
+    data_info: dict = field(default_factory=dict)
+    map: dict = field(default_factory=dict)
+    splits: dict = field(default_factory=dict)
+    label_counts: dict = field(default_factory=dict)
+    temperature: float | None = None
+    ood: dict | None = None
+    ood_info: dict | None = None
+    acc: float | None = None
+    ece: float | None = None
+    nll: float | None = None
+    brier: float | None = None
+    aurc: float | None = None
+    reliability_diagram: str | None = None
+    timings: dict = field(default_factory=dict)
+    device: str | None = None
+    run_dir: str | None = None
+    config: dict = field(default_factory=dict)
+    identity: dict | None = None
+    run_id: str | None = None
+    setting_id: str | None = None
+    bayeslora_version: str | None = None
+    extra: dict = field(default_factory=dict)
+    directory: Path | None = field(default=None, compare=False)
+    label: str | None = field(default=None, compare=False)
+
+    _MEMORY = ("extra", "directory", "label")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object of ``metrics.json`` (fields left at their empty default, None or {}, are left out)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in self._MEMORY}
+        return {**self.extra, **{k: v for k, v in out.items() if v is not None and v != {}}}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], directory: str | os.PathLike | None = None) -> RunRecord:
+        known = {f.name for f in fields(cls)} - set(cls._MEMORY)
+        missing = [k for k in ("task", "data", "model", "method", "method_label", "seed") if k not in d]
+        if missing:
+            where = f"{directory}/{METRICS_FILE}" if directory is not None else METRICS_FILE
+            raise ValueError(
+                f"{where}: not a bayeslora run record (missing {missing}); it was not written by bayeslora-run."
+            )
+        record = cls(**{k: v for k, v in d.items() if k in known})
+        record.extra = {k: v for k, v in d.items() if k not in known}
+        record.directory = Path(directory) if directory is not None else None
+        return record
+
+    def write(self, path: str | os.PathLike) -> Path:
+        """Write ``metrics.json`` atomically."""
+        return save_json(self.to_dict(), path)
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> RunRecord:
+        path = Path(path)
+        return cls.from_dict(json.loads(path.read_text()), path.parent)
+
+    def predictions(self) -> dict[str, Any]:
+        """The run's ``predictions.pt`` (``{key: Predictions state}``)."""
+        if self.directory is None:
+            raise ValueError("directory: this record was not read from a run directory; use RunRecord.read().")
+        return load_torch(self.directory / PREDICTIONS_FILE)
+
+    def metrics(self, key: str, ood: bool = False) -> dict[str, Any] | None:
+        """The stored metrics of a split (``ood``: of a shifted set), or None."""
+        return (self.ood or {}).get(key) if ood else self.splits.get(key)
+
+
+def collect(results_dir: str | os.PathLike) -> list[RunRecord]:
+    """Every run record under ``results_dir`` (hidden directories such as the MAP cache are skipped), labelled."""
+    root = Path(results_dir)
+    if not root.is_dir():
+        raise ValueError(f"results_dir: {str(root)!r} is not a directory; pass the results_dir of a sweep.")
+    runs = [
+        RunRecord.read(path)
+        for path in sorted(root.rglob(METRICS_FILE))
+        if not any(part.startswith(".") for part in path.relative_to(root).parts)
+    ]
+    if not runs:
+        raise ValueError(f"results_dir: no {METRICS_FILE} found under {str(root)!r}; run bayeslora-run first.")
+    return label_runs(runs)
+
+
+def select(runs: list[RunRecord], *, model: str | None, data: str | None, where: str) -> list[RunRecord]:
+    """The runs of one model (required when there are several) and optionally one training dataset."""
+    for key, value in (("model", model), ("data", data)):
+        if value is not None:
+            runs = [r for r in runs if getattr(r, key) == value]
+            if not runs:
+                raise ValueError(f"{key}: no runs with {key}={value!r} under {where!r}.")
+    models = sorted({r.model for r in runs})
+    if len(models) > 1:
+        raise ValueError(f"model: {where!r} holds runs of several models {models}; pass model= (--model) for one.")
+    return runs
+
+
+def row_label(run: RunRecord) -> str:
+    """The table row of a run: its method label plus any distinguishing settings (set by :func:`collect`)."""
+    return run.label or run.method_label
+
+
+def row_variants(run: RunRecord, ts_rows: bool) -> list[tuple[str, str]]:
+    """(row label, key suffix): the method's own row and, with ``ts_rows``, its temperature-scaled row."""
+    label = row_label(run)
+    return [(label, ""), *([(label + TS_SUFFIX, TS_KEY)] if ts_rows else [])]
+
+
 # ----------------------------------------------------------------------------- telling stored runs apart
 def _short(value: Any) -> str:
     if isinstance(value, float):
@@ -176,21 +324,21 @@ def distinguishing_keys(runs: Iterable[Mapping[str, Any]]) -> list[str]:
     return sorted(keys)
 
 
-def label_runs(runs: list[dict]) -> list[dict]:
-    """Set ``run["label"]``: the method label, plus ``(key=value, ...)`` of the distinguishing settings.
+def label_runs(runs: list[RunRecord]) -> list[RunRecord]:
+    """Set ``run.label``: the method label, plus ``(key=value, ...)`` of the distinguishing settings.
 
     Runs sharing a method label and a column but made with different settings (e.g. a prior-precision sweep)
     get one row each instead of being averaged as if they were seeds.
     """
-    by_label: dict[str, list[dict]] = defaultdict(list)
+    by_label: dict[str, list[RunRecord]] = defaultdict(list)
     for run in runs:
-        by_label[run["method_label"]].append(run)
+        by_label[run.method_label].append(run)
     for label, group in by_label.items():
-        keys = distinguishing_keys(group)
+        keys = distinguishing_keys({"identity": r.identity, "data": r.data} for r in group)
         for run in group:
             if not keys:
-                run["label"] = label
+                run.label = label
                 continue
-            flat = flatten(run.get("identity") or {})
-            run["label"] = f"{label} (" + ", ".join(f"{k}={_short(flat.get(k, _MISSING))}" for k in keys) + ")"
+            flat = flatten(run.identity or {})
+            run.label = f"{label} (" + ", ".join(f"{k}={_short(flat.get(k, _MISSING))}" for k in keys) + ")"
     return runs

@@ -21,7 +21,6 @@ Parallel sweeps (joblib launcher): with ``device=auto`` and several GPUs each ru
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -36,14 +35,13 @@ from .calibration import fit_temperature, temperature_scaled
 from .config_check import check_run_config
 from .data import build_task, make_loader
 from .hydra_store import register as register_method_defaults
-from .io import load_torch, save_json, save_torch
+from .io import load_torch, save_torch
 from .metrics import Predictions
 from .models import LoraSpec, add_lora, load_model, load_tokenizer, locate
 from .ood import ood_report, predict_ood, prepare_ood
 from .posteriors import accepts
-from .results import digest, identity_mismatch, map_identity, run_id, run_identity, setting_id
+from .results import TS_SUFFIX, RunRecord, digest, identity_mismatch, map_identity, run_id, run_identity, setting_id
 from .sweep import file_lock, remove_stale_temporaries, run_device
-from .tables import TS_SUFFIX
 from .train import TrainConfig, TrainResult
 from .wrapper import BayesianLoRA
 
@@ -152,11 +150,12 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     identity = run_identity(cfg)
     with file_lock(run_dir / ".run.lock"):
         if metrics_path.is_file() and not cfg.get("force", False):
-            stored = json.loads(metrics_path.read_text())
-            problem = identity_mismatch(str(run_dir), stored.get("identity"), identity)
+            stored = RunRecord.read(metrics_path)
+            problem = identity_mismatch(str(run_dir), stored.identity, identity)
             if problem:
                 raise ValueError(problem)
-            return {**stored, "skipped": f"complete run with the same identity (run_id {stored['run_id']}) found"}
+            why = f"complete run with the same identity (run_id {stored.run_id}) found"
+            return {**stored.to_dict(), "skipped": why}
         remove_stale_temporaries(run_dir, run_dir / "checkpoints")
         with run_device(cfg["device"], int(cfg.get("gpu_slots") or 1)) as device:
             return _execute({**cfg, "device": device}, run_dir, metrics_path, identity)
@@ -225,8 +224,9 @@ def _execute(cfg: dict[str, Any], run_dir: Path, metrics_path: Path, identity: d
     timings["total_s"] = time.perf_counter() - t0
     result.update(timings=timings, device=str(bl.fn.device), run_dir=str(run_dir), config=cfg, identity=identity)
     result.update(run_id=run_id(identity), setting_id=setting_id(identity), bayeslora_version=_version())
-    save_json(result, metrics_path)
-    return result
+    record = RunRecord.from_dict(result, run_dir)
+    record.write(metrics_path)
+    return record.to_dict()
 
 
 def _build_task(cfg: Mapping[str, Any], tokenizer):

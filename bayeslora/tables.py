@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import csv
 import io
-import json
 import math
 import os
 from collections import defaultdict
@@ -32,9 +31,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .io import atomic_write, load_torch
+from .io import atomic_write
 from .metrics import ECE_BINS, Predictions
-from .results import label_runs
+from .results import OOD_PREFIX, TS_KEY, TS_SUFFIX, RunRecord, collect, row_variants, select
 
 METRICS = {  # name -> (header, scale, higher is better)
     "acc": ("ACC (%) ↑", 100.0, True),
@@ -45,7 +44,6 @@ METRICS = {  # name -> (header, scale, higher is better)
     "auroc_entropy": ("OOD AUROC, entropy (%) ↑", 100.0, True),
     "auroc_mi": ("OOD AUROC, MI (%) ↑", 100.0, True),
 }
-TS_SUFFIX = " + TS"  # a method's temperature-scaled row is labelled f"{label}{TS_SUFFIX}"
 TS_NOTE = (
     "+ TS: temperature scaling of the method's model-average log-probabilities (T fit on validation NLL), so its "
     "accuracy is the method's."
@@ -75,31 +73,14 @@ class Cell:
         return math.sqrt(sum((v - m) ** 2 for v in self.values) / (len(self.values) - 1))
 
 
-def collect(results_dir: str | os.PathLike) -> list[dict]:
-    """Every run's ``metrics.json`` under ``results_dir`` (the MAP cache is skipped)."""
-    root = Path(results_dir)
-    if not root.is_dir():
-        raise ValueError(f"results_dir: {str(root)!r} is not a directory; pass the results_dir of a sweep.")
-    runs = []
-    for path in sorted(root.rglob("metrics.json")):
-        if any(part.startswith(".") for part in path.relative_to(root).parts):
-            continue
-        run = json.loads(path.read_text())
-        run["_dir"] = str(path.parent)
-        runs.append(run)
-    if not runs:
-        raise ValueError(f"results_dir: no metrics.json found under {str(root)!r}; run bayeslora-run first.")
-    return label_runs(runs)
-
-
-def run_metrics(run: dict, split: str, ece_bins: int | None, ood: bool = False) -> dict[str, float] | None:
+def run_metrics(run: RunRecord, split: str, ece_bins: int | None, ood: bool = False) -> dict[str, float] | None:
     """The metrics of one split (``ood``: one shifted set) of a run, recomputed from ``predictions.pt`` when
     ``ece_bins`` is given (the OOD AUROCs do not depend on the bins and are kept)."""
-    stored = (run.get("ood") or {}).get(split) if ood else run["splits"].get(split)
+    stored = run.metrics(split, ood=ood)
     if stored is None or ece_bins is None or ece_bins == ECE_BINS:
         return stored
-    preds = load_torch(Path(run["_dir"]) / "predictions.pt")
-    key = f"ood/{split}" if ood else split
+    preds = run.predictions()
+    key = f"{OOD_PREFIX}{split}" if ood else split
     if key not in preds:
         return None
     return {**stored, **Predictions.from_state_dict(preds[key]).metrics(n_bins=ece_bins)}
@@ -125,38 +106,27 @@ def _above_chance(acc: Cell, rate: float | None, n: int | None) -> bool:
     return acc.mean > rate + 2 * math.sqrt(rate * (1 - rate) / n)
 
 
-def row_label(run: dict) -> str:
-    """The table row of a run: its method label plus any distinguishing settings (set by :func:`collect`)."""
-    return run.get("label") or run["method_label"]
-
-
-def row_variants(run: dict, ts_rows: bool) -> list[tuple[str, str]]:
-    """(row label, key suffix): the method's own row and, with ``ts_rows``, its temperature-scaled row."""
-    label = row_label(run)
-    return [(label, ""), *([(label + TS_SUFFIX, "_ts")] if ts_rows else [])]
-
-
-def _entries(runs: Iterable[dict], split: str, ts_rows: bool, ece_bins: int | None, layout: str):
+def _entries(runs: Iterable[RunRecord], split: str, ts_rows: bool, ece_bins: int | None, layout: str):
     """Yield ``(row, column, metrics, num_classes, n, label counts)`` for every cell value of a layout."""
     for run in runs:
-        c, n = run.get("num_classes"), run.get(f"num_{split}", run.get("num_test"))
-        counts = (run.get("label_counts") or {}).get(split)
-        if layout == "ood" and not run.get("ood"):
+        c, n = run.num_classes, getattr(run, f"num_{split}", None) or run.num_test
+        counts = (run.label_counts or {}).get(split)
+        if layout == "ood" and not run.ood:
             continue
         for label, suffix in row_variants(run, ts_rows):
             m = run_metrics(run, split + suffix, ece_bins)
             if m is not None:
-                yield label, run["data"] + (" (ID)" if layout == "ood" else ""), m, c, n, counts
+                yield label, run.data + (" (ID)" if layout == "ood" else ""), m, c, n, counts
             if layout != "ood":
                 continue
-            for name in sorted(k for k in run["ood"] if not k.endswith("_ts")):
+            for name in sorted(k for k in run.ood if not k.endswith(TS_KEY)):
                 m = run_metrics(run, name + suffix, ece_bins, ood=True)
                 if m is not None:
                     yield label, name, m, c, m.get("n"), m.get("label_counts")
 
 
 def aggregate(
-    runs: Iterable[dict],
+    runs: Iterable[RunRecord],
     split: str = "test",
     ts_rows: bool = False,
     ece_bins: int | None = None,
@@ -358,7 +328,7 @@ def make_tables(
         raise ValueError(f"metrics: unknown {unknown}; expected a subset of {list(METRICS)}.")
     runs = select(collect(results_dir), model=model, data=data, where=str(results_dir))
     if layout == "ood":
-        trained_on = sorted({r["data"] for r in runs if r.get("ood")})
+        trained_on = sorted({r.data for r in runs if r.ood})
         if len(trained_on) > 1:
             raise ValueError(f"data: OOD runs trained on several datasets {trained_on}; pass data= (--data).")
     table, methods, datasets = aggregate(runs, split=split, ts_rows=ts_rows, ece_bins=ece_bins, layout=layout)
@@ -396,19 +366,6 @@ def _chosen(
     if not chosen:
         raise ValueError(f"{what}: none of {list(wanted)} has runs here; expected some of {found}.")
     return chosen
-
-
-def select(runs: list[dict], *, model: str | None, data: str | None, where: str) -> list[dict]:
-    """The runs of one model (required when there are several) and optionally one training dataset."""
-    for key, value in (("model", model), ("data", data)):
-        if value is not None:
-            runs = [r for r in runs if r[key] == value]
-            if not runs:
-                raise ValueError(f"{key}: no runs with {key}={value!r} under {where!r}.")
-    models = sorted({r["model"] for r in runs})
-    if len(models) > 1:
-        raise ValueError(f"model: {where!r} holds runs of several models {models}; pass model= (--model) for one.")
-    return runs
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 
 from bayeslora.figures import make_figures
+from bayeslora.results import collect
 from bayeslora.run import compose, run
-from bayeslora.tables import collect, make_tables
+from bayeslora.tables import make_tables
 
 METHODS, DATA, SEEDS = ("map", "temperature"), ("sst2", "rte"), (0, 1)
 RUNS = [f"{d}/tiny-bert/{m}/seed_{s}" for m, d, s in itertools.product(METHODS, DATA, SEEDS)]
@@ -47,7 +48,7 @@ def _tables(root):
 
 
 def test_cpu_pipeline_produces_tables_and_figures(reference, tmp_path):
-    assert sorted(_name(r["_dir"]) for r in collect(reference)) == sorted(RUNS)
+    assert sorted(_name(r.directory) for r in collect(reference)) == sorted(RUNS)
     texts = make_tables(reference, tmp_path, ts_rows=True, name="cpu_pipeline", rows=["temperature", "map"])
     md = texts["md"]
     for block in ("ACC (%) ↑", "ECE (%) ↓", "NLL ↓", "Brier ↓"):

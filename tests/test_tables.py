@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from bayeslora.metrics import Predictions
-from bayeslora.tables import aggregate, collect, main, make_tables
+from bayeslora.results import collect
+from bayeslora.tables import aggregate, main, make_tables
 
 
 def _write_run(root, data, method, seed, acc, ece, nll=0.5, brier=0.3, c=2, n=200, preds=None, counts=None, **identity):
@@ -108,3 +109,20 @@ def test_runs_of_one_label_with_different_settings_get_one_row_each(tmp_path):
     table, methods, _ = aggregate(collect(tmp_path))
     assert methods == ["kfac (prior_precision=0.1)", "kfac (prior_precision=10)"]
     assert [len(table["ece"][m]["rte"].values) for m in methods] == [2, 2]  # seeds pooled, settings kept apart
+
+
+def test_run_record_round_trips_keeps_unknown_keys_and_refuses_foreign_files(tmp_path):
+    from bayeslora.results import RunRecord
+
+    _write_run(tmp_path, "rte", "map", 0, 0.8, 0.1, counts=[100, 100], prior_precision=1.0)
+    path = next(tmp_path.rglob("metrics.json"))
+    raw = json.loads(path.read_text())
+    record = RunRecord.read(path)
+    assert record.directory == path.parent and record.splits["test"]["acc"] == 0.8 and record.label_counts
+    assert record.to_dict() == raw
+    future = {**raw, "a_new_field": [1, 2]}
+    assert RunRecord.from_dict(future).to_dict() == future  # a later version's keys survive a rewrite
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "metrics.json").write_text('{"acc": 0.5}')
+    with pytest.raises(ValueError, match=r"x/metrics.json: not a bayeslora run record \(missing \['task'"):
+        collect(tmp_path)
