@@ -51,6 +51,11 @@ class AdapterFn:
     def num_classes(self) -> int:
         return self.readout.num_classes
 
+    @property
+    def likelihood(self):
+        """How the outputs explain the labels (:mod:`bayeslora.likelihoods`), from the readout."""
+        return self.readout.likelihood
+
     def to_device(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Move the tensors of a batch to the model's device."""
         dev = self.device

@@ -18,14 +18,18 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from .likelihoods import Categorical, Likelihood
+
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 @runtime_checkable
 class Readout(Protocol):
-    """Maps a model output (and its batch) to class logits ``[B, C]``."""
+    """Maps a model output (and its batch) to class logits ``[B, C]``; ``likelihood`` says how they explain the
+    labels (:mod:`bayeslora.likelihoods`: training loss, curvature, the VI observation take it from here)."""
 
     num_classes: int
+    likelihood: Likelihood
 
     def model_inputs(self, batch: Mapping[str, torch.Tensor]) -> dict[str, Any]: ...
 
@@ -54,6 +58,7 @@ class SequenceClassificationLogits:
         if int(num_classes) < 2:
             raise ValueError(f"num_classes: expected an integer >= 2, got {num_classes!r}.")
         self.num_classes = int(num_classes)
+        self.likelihood: Likelihood = Categorical()
 
     def model_inputs(self, batch):
         return _base_inputs(batch)
@@ -105,6 +110,7 @@ class AnswerTokenLogits:
         self.token_ids = ids
         self.answers = list(answers) if answers is not None else None
         self.num_classes = len(ids)
+        self.likelihood: Likelihood = Categorical()
 
     @classmethod
     def from_tokenizer(cls, tokenizer, answers: Sequence[str], prefix: str = " ") -> AnswerTokenLogits:

@@ -222,7 +222,7 @@ def train_map(
         while result.steps < steps:
             for i, batch in enumerate(loader):
                 logits = fn(None, batch)
-                data_loss = torch.nn.functional.cross_entropy(logits, fn.labels(batch))
+                data_loss = fn.likelihood.nll(logits, fn.labels(batch))
                 if not torch.isfinite(data_loss):
                     raise ValueError(
                         f"loss: non-finite training loss {data_loss.item()} at optimizer step {result.steps} "

@@ -8,6 +8,7 @@ from helpers import TokenDataset, randomize_lora_b, tiny_fn
 from torch import nn
 
 from bayeslora.function import AdapterFn
+from bayeslora.likelihoods import Categorical, Gaussian
 from bayeslora.params import AdapterParams
 from bayeslora.posteriors.kfac import (
     KronFactor,
@@ -15,7 +16,6 @@ from bayeslora.posteriors.kfac import (
     fit_curvature,
     from_matrix,
     layer_jacobian,
-    loss_sqrt,
     record_layers,
 )
 from bayeslora.posteriors.lowrank import FrequentDirections, eig_psd
@@ -123,6 +123,9 @@ def dense(factor: KronFactor):
 
 
 # ----------------------------------------------------------------------------- loss Hessian square roots
+loss_sqrt = Categorical().loss_sqrt
+
+
 @pytest.mark.parametrize("c", [2, 3, 5])
 def test_ggn_square_root_reproduces_softmax_hessian_with_c_minus_1_columns(c):
     logits = torch.randn(6, c, dtype=torch.float64) * 3
@@ -142,6 +145,44 @@ def test_mc_and_empirical_fisher_vectors():
     torch.testing.assert_close(e, torch.softmax(logits[0], -1) - torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64))
     with pytest.raises(ValueError, match="fisher: expected one of"):
         loss_sqrt(logits, torch.tensor([0]), "hessian")
+
+
+def test_gaussian_likelihood_nll_and_square_roots():
+    g = torch.Generator().manual_seed(0)
+    f, y, sigma = torch.randn(5, 3, generator=g, dtype=torch.float64), torch.randn(5, 3, generator=g), 0.7
+    lik = Gaussian(sigma)
+    ref = -torch.distributions.Normal(f, sigma).log_prob(y.double()).sum(-1)
+    torch.testing.assert_close(lik.nll(f, y, "sum"), ref.sum())
+    s = lik.loss_sqrt(f, y, "ggn")  # the Hessian of the NLL in f is I / σ²
+    torch.testing.assert_close(s @ s.transpose(1, 2), torch.eye(3, dtype=f.dtype).expand(5, 3, 3) / sigma**2)
+    s = lik.loss_sqrt(f[:1].expand(20000, 3), y[:1].expand(20000, 3), "mc", mc_samples=2, generator=g)
+    torch.testing.assert_close(torch.einsum("bck,bdk->cd", s, s) / 20000, torch.eye(3, dtype=f.dtype) / sigma**2,
+                               atol=0.05, rtol=0)  # fmt: skip
+    f_req = f.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(lik.nll(f_req, y, "sum"), f_req)
+    torch.testing.assert_close(lik.loss_sqrt(f, y, "empirical")[:, :, 0], grad)  # the per-example NLL gradient
+    with pytest.raises(ValueError, match="labels: a Gaussian likelihood needs targets shaped like the outputs"):
+        lik.nll(f, torch.zeros(5))
+
+
+def test_the_readouts_likelihood_reaches_the_curvature():
+    """A Gaussian readout on the linear toy: the diagonal GGN is exactly diag(JᵀJ) / σ² (the conjugate precision)."""
+    from helpers import linear_toy_fn, token_batch
+
+    sigma = 0.5
+    fn = linear_toy_fn()
+    fn.readout.likelihood = Gaussian(sigma)
+    batch = token_batch(24)
+    batch["labels"] = torch.randn(24, 2, generator=torch.Generator().manual_seed(1))
+    groups = list(fn.params.groups)
+    curv = fit_curvature(fn, [batch], groups, fn.params.values(), structure="diag", fisher="ggn")
+    (name,) = fn.params.names
+    b = fn.params.values()[name].clone().requires_grad_(True)
+    out = fn({name: b}, batch)
+    jac = torch.stack([torch.autograd.grad(out.reshape(-1)[i], b, retain_graph=True)[0].reshape(-1)
+                       for i in range(out.numel())]).double()  # fmt: skip
+    want = (jac.square().sum(0) / sigma**2) / 24  # per-example normalised, as the factors are
+    torch.testing.assert_close(curv.factors[0].eigenvalues().reshape(-1).double(), want, rtol=1e-5, atol=1e-8)
 
 
 # ----------------------------------------------------------------------------- K-FAC vs exact references

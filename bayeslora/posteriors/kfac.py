@@ -13,9 +13,9 @@ Because ``H_n 1 = 0`` only ``C − 1`` columns are needed (``S_n = V L_n`` with 
 orthonormal basis of ``1⊥`` and ``L_n Lₙᵀ = Vᵀ H_n V``), so the exact GGN of a binary task costs
 one backward pass.
 
-Fisher types (the vectors ``s_k``): ``"ggn"`` the exact GGN above; ``"mc"`` ``mc_samples``
-labels drawn from the model, ``s = (p − e_ŷ)/√S`` (Martens & Grosse 2015); ``"empirical"`` the
-true label, ``s = p − e_y``.
+Fisher types (the vectors ``s_k``, from the readout's likelihood: :meth:`bayeslora.likelihoods.Categorical.loss_sqrt`
+for classification): ``"ggn"`` the exact GGN above; ``"mc"`` ``mc_samples`` labels drawn from the model,
+``s = (p − e_ŷ)/√S`` (Martens & Grosse 2015); ``"empirical"`` the true label, ``s = p − e_y``.
 
 K-FAC (Martens & Grosse 2015; ``reduce`` for weight sharing, Eschenhagen et al. NeurIPS 2023, as
 in curvlinops' ``kfac_approx="reduce"``): per example, the positions are reduced *before* the
@@ -49,7 +49,6 @@ from ..function import AdapterFn
 from ..params import ParamGroup
 from .lowrank import FrequentDirections, eig_psd
 
-FISHERS = ("ggn", "mc", "empirical")
 KFAC_APPROX = ("reduce", "expand")
 
 
@@ -119,36 +118,6 @@ def layer_jacobian(grad_output: torch.Tensor, inputs: torch.Tensor, bias: bool) 
     g, x = _tokens(grad_output), _tokens(inputs)
     jac = torch.bmm(g.transpose(1, 2), x)
     return torch.cat([jac, g.sum(1, keepdim=True).transpose(1, 2)], dim=2) if bias else jac
-
-
-def loss_sqrt(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    fisher: str,
-    mc_samples: int = 1,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Vectors ``S [B, C, K]`` with ``E[S Sᵀ]`` the softmax cross-entropy Hessian (or its Fisher proxy).
-
-    ``"ggn"``: the exact square root of ``diag(p) − p pᵀ`` with ``K = C − 1``; ``"mc"``: ``K =
-    mc_samples`` sampled-label gradients scaled by ``1/√K``; ``"empirical"``: the true-label gradient.
-    """
-    p = torch.softmax(logits.detach().double(), dim=-1)
-    b, c = p.shape
-    if fisher == "ggn":
-        basis = torch.linalg.qr(torch.eye(c, dtype=p.dtype, device=p.device) - 1.0 / c)[0][:, : c - 1]
-        hess = torch.diag_embed(p) - p[:, :, None] * p[:, None, :]
-        vals, vecs = torch.linalg.eigh(basis.T @ hess @ basis)
-        out = basis @ (vecs * vals.clamp_min(0.0).sqrt()[:, None, :])
-    elif fisher == "mc":
-        draws = torch.multinomial(p.float(), mc_samples, replacement=True, generator=generator)  # [B, K]
-        onehot = torch.nn.functional.one_hot(draws, c).to(p.dtype).transpose(1, 2)  # [B, C, K]
-        out = (p[:, :, None] - onehot) / mc_samples**0.5
-    elif fisher == "empirical":
-        out = (p - torch.nn.functional.one_hot(labels.long(), c).to(p.dtype))[:, :, None]
-    else:
-        raise ValueError(f"fisher: expected one of {list(FISHERS)}, got {fisher!r}.")
-    return out.to(logits.dtype)
 
 
 # ----------------------------------------------------------------------------- factors
@@ -405,8 +374,8 @@ def fit_curvature(
             logits = fn(random_values(values, groups), batch)
             if not logits.requires_grad:
                 raise ValueError("params: the logits do not depend on the selected layers; nothing to fit.")
-            loss += float(torch.nn.functional.cross_entropy(logits.detach().double(), labels, reduction="sum"))
-            vectors = loss_sqrt(logits, labels, fisher, mc_samples, generator)
+            loss += float(fn.likelihood.nll(logits.detach().double(), labels, reduction="sum"))
+            vectors = fn.likelihood.loss_sqrt(logits, labels, fisher, mc_samples, generator)
             for acc, rec in zip(accs, records):
                 acc.add_inputs(rec.input.detach(), batch.get("attention_mask"))
             outputs = [rec.output for rec in records]

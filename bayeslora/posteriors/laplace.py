@@ -40,12 +40,13 @@ import torch
 
 from ..data.collate import dataset_size
 from ..function import AdapterFn, model_mode
+from ..likelihoods import FISHERS
 from ..params import ParamGroup
 from ..predictive import Predictive
 from ..validate import choice, positive_int
 from . import Needs, registered_name, require_fitted, sample_count
 from .glm import coordinates, functional_covariance, mc_logits, probit
-from .kfac import FISHERS, KFAC_APPROX, Factor, as_matrix, factor_from_state, fit_curvature, from_matrix
+from .kfac import KFAC_APPROX, Factor, as_matrix, factor_from_state, fit_curvature, from_matrix
 
 STRUCTURES = ("kron", "diag", "last_layer")
 PREDICTIVES = ("glm_probit", "glm_mc", "sampling")

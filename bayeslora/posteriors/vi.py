@@ -44,13 +44,13 @@ from tqdm.auto import tqdm
 
 from ..data.collate import dataset_size
 from ..function import AdapterFn, model_mode
+from ..likelihoods import LIKELIHOODS, likelihood_from_config
 from ..predictive import Predictive
 from ..rng import forked, seed_from, seeded
 from ..validate import positive
 from . import Needs, registered_name, require_fitted, sample_count
 from .vi_guides import (
     GUIDES,
-    LIKELIHOODS,
     AdapterModel,
     is_spread_param,
     local_param_store,
@@ -91,7 +91,8 @@ class Variational:
         prior_mean: ``"zero"`` (μ₀ = 0) or ``"init"`` (μ₀ = the adapter at the start of the fit).
         flipout: BLoB's flipout estimator for the ``lora_A`` noise during training (``"blob"`` only).
         n_samples: default number of posterior samples in :meth:`predict` (0: the posterior-mean predictive).
-        likelihood: ``"categorical"`` (classification) or ``"gaussian"`` (regression on ``labels`` ``[B, C]``,
+        likelihood: None (the readout's likelihood, ``fn.likelihood``: categorical for classification), or an
+            override: ``"categorical"`` or ``"gaussian"`` (regression on ``labels`` ``[B, C]``,
             for tests and conjugate checks).
         noise_std: observation std of the Gaussian likelihood.
         progress: show a tqdm bar with the ELBO, NLL and KL.
@@ -118,7 +119,7 @@ class Variational:
         prior_mean: str = "zero",
         flipout: bool = True,
         n_samples: int = 16,
-        likelihood: str = "categorical",
+        likelihood: str | None = None,
         noise_std: float = 1.0,
         progress: bool = True,
         seed: int = 0,
@@ -138,8 +139,10 @@ class Variational:
             raise ValueError(f"elbo: expected one of {sorted(ELBOS)} or None, got {elbo!r}.")
         if prior_mean not in ("zero", "init"):
             raise ValueError(f"prior_mean: expected 'zero' or 'init', got {prior_mean!r}.")
-        if likelihood not in LIKELIHOODS:
-            raise ValueError(f"likelihood: expected one of {LIKELIHOODS}, got {likelihood!r}.")
+        if likelihood is not None and likelihood not in LIKELIHOODS:
+            raise ValueError(
+                f"likelihood: expected None (the readout's) or one of {sorted(LIKELIHOODS)}, got {likelihood!r}."
+            )
         if steps is not None:
             positive("steps", steps, int)
         else:
@@ -203,7 +206,11 @@ class Variational:
             raise ValueError(
                 f"rank: expected at most D={fn.params.numel} (the number of adapter values), got {self.rank}."
             )
-        self.model = AdapterModel(fn, prior_loc, self.prior_std, num_data, self.likelihood, self.noise_std)
+        likelihood = None
+        if self.likelihood is not None:
+            options = {"noise_std": self.noise_std} if self.likelihood == "gaussian" else {}
+            likelihood = likelihood_from_config({"name": self.likelihood, **options})
+        self.model = AdapterModel(fn, prior_loc, self.prior_std, num_data, likelihood)
         scale = min(self.init_scale, self.prior_std)
         self.guide = make_guide(self.guide_kind, self.model, init, scale, self.rank)
         lrd = FINAL_LR_FRACTION ** (1.0 / total_steps) if total_steps else 1.0

@@ -31,9 +31,9 @@ from pyro import poutine
 from pyro.infer.autoguide import AutoLowRankMultivariateNormal, AutoNormal, init_to_value
 
 from ..function import AdapterFn
+from ..likelihoods import Likelihood
 
 GUIDES = ("meanfield", "lowrank", "blob")
-LIKELIHOODS = ("categorical", "gaussian")
 GAUSSIAN_KINDS = ("lora_A", "lora_embedding_A")  # the tensors BLoB treats as random
 
 
@@ -73,19 +73,18 @@ class AdapterModel:
         prior_loc: μ₀ per parameter name (float32, on ``fn.device``).
         prior_std: σ₀ = λ^{-1/2}.
         num_data: N, the size of the training set (the plate size).
-        likelihood: ``"categorical"`` (labels ``[B]``) or ``"gaussian"`` (targets ``[B, C]``, std ``noise_std``).
-        noise_std: observation noise of the Gaussian likelihood.
+        likelihood: the :class:`~bayeslora.likelihoods.Likelihood` of the labels (None: the readout's,
+            ``fn.likelihood``).
     """
 
     def __init__(self, fn: AdapterFn, prior_loc: Mapping[str, torch.Tensor], prior_std: float, num_data: int,
-                 likelihood: str = "categorical", noise_std: float = 1.0):  # fmt: skip
+                 likelihood: Likelihood | None = None):  # fmt: skip
         self.fn = fn
         self.sites = site_names(fn.params.names)
         self.prior_loc = dict(prior_loc)
         self.prior_std = float(prior_std)
         self.num_data = int(num_data)
-        self.likelihood = likelihood
-        self.noise_std = float(noise_std)
+        self.likelihood = fn.likelihood if likelihood is None else likelihood
         self.dtypes = {n: p.dtype for n, p in fn.params.tensors().items()}
         self.guide = None  # set to a BlobGuide for flipout
         self.nll: list[torch.Tensor] = []  # mean NLL of each model call (detached), for progress reports
@@ -115,9 +114,8 @@ class AdapterModel:
         return out
 
     def observation(self, out: torch.Tensor) -> dist.Distribution:
-        if self.likelihood == "gaussian":
-            return dist.Normal(out, self.noise_std).to_event(1)
-        return dist.Categorical(logits=out)
+        """The distribution of the labels given the outputs: the likelihood's (:mod:`bayeslora.likelihoods`)."""
+        return self.likelihood.observation(out)
 
 
 class BlobGuide:
