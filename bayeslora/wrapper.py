@@ -229,8 +229,9 @@ class BayesianLoRA:
         model.eval()
         posterior = make_posterior(meta["method"], **meta["config"])
         state_file = path / _STATE
+        state = load_torch(state_file)
         try:
-            posterior.load_state_dict(load_torch(state_file))
+            posterior.load_state_dict(state)
         except (ValueError, KeyError, TypeError) as err:
             raise ValueError(
                 f"{state_file}: {err} Re-fit and save the posterior; the file is not a valid state."
@@ -243,12 +244,11 @@ class BayesianLoRA:
             prior_precision=meta["prior_precision"],
             autocast_dtype=autocast_dtype,
         )
-        bl._check_stored_values(state_file)
+        bl._check_stored_values(state_file, state.get("values"))
         return bl
 
-    def _check_stored_values(self, state_file: Path) -> None:
-        """A posterior that stores the adapter values it was fit at must match the loaded adapter."""
-        values = getattr(self.posterior, "values", None)
+    def _check_stored_values(self, state_file: Path, values: Any) -> None:
+        """A posterior state that stores the adapter values it was fit at (``values``) must match the adapter."""
         if not isinstance(values, Mapping) or not values:
             return
         live = self.params.values()

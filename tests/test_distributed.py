@@ -63,7 +63,7 @@ def _laplace():
 def _kron_state(posterior) -> list[torch.Tensor]:
     """Reconstructed Kronecker factors G and A of every layer (basis-independent)."""
     out = []
-    for f in posterior.factors:
+    for f in posterior.engine.factors:
         for vals, vecs in ((f.g_vals, f.g_vecs), (f.a_vals, f.a_vecs)):
             out.append((vecs.double() * vals) @ vecs.double().T)
     return out
@@ -98,7 +98,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         out["acc_steps"] = acc.steps
         post = _laplace().fit(fn, distributed.shard(train.loader(5), even=False))
         out["kfac"] = _kron_state(post)
-        out["kfac_loss"], out["kfac_prior"] = torch.tensor(post.loss), post.prior
+        out["kfac_loss"], out["kfac_prior"] = torch.tensor(post.engine.loss), post.prior
         torch.save(out, f"{out_dir}/rank{rank}.pt")
     finally:
         distributed.shutdown()
@@ -139,7 +139,7 @@ def _single() -> dict:
         "log_probs": predict_loader(make_posterior("map").fit(fn), fn, ev.loader(3)).log_probs,
     }
     post = _laplace().fit(fn, train.loader(5))
-    out["kfac"], out["kfac_loss"], out["kfac_prior"] = _kron_state(post), torch.tensor(post.loss), post.prior
+    out["kfac"], out["kfac_loss"], out["kfac_prior"] = _kron_state(post), torch.tensor(post.engine.loss), post.prior
     return out
 
 

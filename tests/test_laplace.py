@@ -31,21 +31,21 @@ def setup(kind="bert", n=24, seed=0, include_head=True, **kw):
 
 def dense_precision(la: Laplace) -> torch.Tensor:
     blocks = []
-    for factor, lam in zip(la.factors, la.prior.tolist()):
+    for factor, lam in zip(la.engine.factors, la.prior.tolist()):
         if isinstance(factor, DiagFactor):
             k = torch.diag(factor.diag.reshape(-1))
         else:
             g, a = dense(factor)
             k = torch.kron(g, a)
-        blocks.append(la.num_data * k + lam * torch.eye(k.shape[0], dtype=torch.float64))
+        blocks.append(la.engine.num_data * k + lam * torch.eye(k.shape[0], dtype=torch.float64))
     return torch.block_diag(*blocks)
 
 
 def naive_jacobian(fn, la: Laplace, ex) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-example loop: logits [C] and the Jacobian [C, D] w.r.t. the random layers (row-major [W | b])."""
-    groups = la.match_groups(fn)
+    groups = la.engine.match_groups(fn, la.select(fn))
     names = [n for g in groups for n in g.names]
-    values = {k: v.clone().requires_grad_(k in names) for k, v in la.values.items()}
+    values = {k: v.clone().requires_grad_(k in names) for k, v in la.engine.values.items()}
     logits = fn(values, ex)[0]
     rows = []
     for c in range(len(logits)):
@@ -115,12 +115,14 @@ def test_chunked_glm_equals_unchunked():
 # ----------------------------------------------------------------------------- marginal likelihood
 def dense_marglik(la, fn, lam):
     """log p(D|θ*) − ½ [log det P − log det P₀ + θ*ᵀ P₀ θ*] with dense matrices."""
-    saved, la.prior = la.prior, torch.full_like(la.prior, lam)
+    saved, la.engine.prior = la.prior, torch.full_like(la.prior, lam)
     p = dense_precision(la)
-    la.prior = saved
-    theta = torch.cat([as_matrix(la.values, g).reshape(-1).double() for g in la.match_groups(fn)])
+    la.engine.prior = saved
+    theta = torch.cat(
+        [as_matrix(la.engine.values, g).reshape(-1).double() for g in la.engine.match_groups(fn, la.select(fn))]
+    )
     logdet_ratio = torch.linalg.slogdet(p)[1] - theta.numel() * math.log(lam)
-    return -la.loss - 0.5 * float(logdet_ratio + lam * theta.square().sum())
+    return -la.engine.loss - 0.5 * float(logdet_ratio + lam * theta.square().sum())
 
 
 @pytest.mark.parametrize("options", [{}, {"structure": "diag"}, {"rank": 3, "lowrank_threshold": 16}])
@@ -147,12 +149,12 @@ def test_val_nll_picks_the_grid_minimiser():
     fn, loader, val = setup()
     la = Laplace(prior_fit="val_nll", prior_grid=[1e-2, 1e3, 6]).fit(fn, loader, val_loader=val)
     nll = []
-    for lam in la.val_curve["prior"]:
-        la.prior = torch.full_like(la.prior, lam)
+    for lam in la.engine.val_curve["prior"]:
+        la.engine.prior = torch.full_like(la.prior, lam)
         lp = torch.cat([la.predict(fn, b).log_probs for b in val])
         labels = torch.cat([b["labels"] for b in val])
         nll.append(-float(lp.gather(1, labels[:, None]).mean()))
-    assert nll == pytest.approx(la.val_curve["nll"], rel=1e-6)
+    assert nll == pytest.approx(la.engine.val_curve["nll"], rel=1e-6)
     with pytest.raises(ValueError, match="val_loader: prior_fit='val_nll'"):
         Laplace(prior_fit="val_nll").fit(fn, loader)
 
@@ -197,7 +199,7 @@ def test_weight_sampling_reproduces_map_with_tiny_prior_variance():
 def test_weight_samples_have_covariance_p_inverse(options):
     fn, loader, _ = setup()
     la = Laplace(prior_fit="none", prior_precision=3.0, **options).fit(fn, loader)
-    groups = la.match_groups(fn)
+    groups = la.engine.match_groups(fn, la.select(fn))
     gen = torch.Generator().manual_seed(0)
     draws = torch.stack(
         [torch.cat([as_matrix(v, g).reshape(-1) for g in groups]).double() for v in la.sample(fn, 20000, gen)]
@@ -205,7 +207,7 @@ def test_weight_samples_have_covariance_p_inverse(options):
     ref = torch.linalg.inv(dense_precision(la))
     scale = float(ref.diagonal().max())
     torch.testing.assert_close(torch.cov(draws.T), ref, atol=0.05 * scale, rtol=0)
-    theta = torch.cat([as_matrix(la.values, g).reshape(-1) for g in groups]).double()
+    theta = torch.cat([as_matrix(la.engine.values, g).reshape(-1) for g in groups]).double()
     torch.testing.assert_close(draws.mean(0), theta, atol=0.05 * scale**0.5, rtol=0)
 
 

@@ -41,11 +41,13 @@ def pair(structure="kron", include_head=False, **options):
 
 def test_kron_factors_marglik_and_glm_agree_with_laplace_torch():
     fn, loader, own, ref = pair(kfac_approx="reduce")
-    la = ref.lt.la
-    assert type(la).__name__ == "KronLaplace" and len(la.H_facs.kfacs) == len(own.factors) == 8
-    for factor, (g_ref, a_ref) in zip(own.factors, la.H_facs.kfacs):
+    la = ref.engine.la
+    assert type(la).__name__ == "KronLaplace" and len(la.H_facs.kfacs) == len(own.engine.factors) == 8
+    for factor, (g_ref, a_ref) in zip(own.engine.factors, la.H_facs.kfacs):
         g, a = dense(factor)
-        torch.testing.assert_close(own.num_data * g, g_ref.double(), rtol=1e-5, atol=1e-6 * float(g_ref.abs().max()))
+        torch.testing.assert_close(
+            own.engine.num_data * g, g_ref.double(), rtol=1e-5, atol=1e-6 * float(g_ref.abs().max())
+        )
         torch.testing.assert_close(a, a_ref.double(), rtol=1e-5, atol=1e-6 * float(a_ref.abs().max()))
     batch = next(iter(loader))
     (m_own, c_own), (m_ref, c_ref) = own.glm_moments(fn, batch), ref.glm_moments(fn, batch)
@@ -59,11 +61,11 @@ def test_kron_factors_marglik_and_glm_agree_with_laplace_torch():
 
 def test_diag_with_head_agrees_with_laplace_torch():
     fn, loader, own, ref = pair("diag", include_head=True)
-    la = ref.lt.la
+    la = ref.engine.la
     order = [n for n, _ in fn.model.named_parameters() if n in set(fn.params.names)]
     diag = {}
-    for group, factor in zip(own.match_groups(fn), own.factors):
-        diag.update(from_matrix(own.num_data * factor.diag, group))
+    for group, factor in zip(own.engine.match_groups(fn, own.select(fn)), own.engine.factors):
+        diag.update(from_matrix(own.engine.num_data * factor.diag, group))
     torch.testing.assert_close(torch.cat([diag[n].reshape(-1) for n in order]), la.H.double(), rtol=1e-4, atol=1e-9)
     assert own.log_marglik(2.0) == pytest.approx(float(la.log_marginal_likelihood(torch.tensor(2.0))), rel=1e-5)
     batch = next(iter(loader))
@@ -74,7 +76,7 @@ def test_own_marglik_optimum_is_at_least_as_good_as_laplace_torch_adam():
     fn, loader, _, _ = pair()
     own = Laplace(prior_fit="marglik").fit(fn, loader)
     ref = Laplace(prior_fit="marglik", backend="laplace-torch").fit(fn, loader)
-    lam_ref = float(ref.lt.la.prior_precision)  # 100 Adam steps on log λ from λ = 1 (laplace-torch's default)
+    lam_ref = float(ref.engine.la.prior_precision)  # 100 Adam steps on log λ from λ = 1 (laplace-torch's default)
     assert own.log_marglik() >= own.log_marglik(lam_ref) - 1e-6
 
 
@@ -85,9 +87,9 @@ def test_val_nll_grid_search_picks_the_same_prior_as_laplace_torch():
     kw = {"prior_fit": "val_nll", "prior_grid": [1e-3, 1e3, 13]}
     own = Laplace(**kw).fit(fn, loader, val_loader=val)
     ref = Laplace(backend="laplace-torch", **kw).fit(fn, loader, val_loader=val)
-    nll = own.val_curve["nll"]
+    nll = own.engine.val_curve["nll"]
     assert 0 < nll.index(min(nll)) < 12 and max(nll) - min(nll) > 0.01  # an interior, well-separated minimum
-    assert float(own.prior[0]) == pytest.approx(float(ref.lt.la.prior_precision), rel=1e-6)
+    assert float(own.prior[0]) == pytest.approx(float(ref.engine.la.prior_precision), rel=1e-6)
 
 
 @pytest.mark.parametrize("predictive", ["glm_probit", "glm_mc", "sampling"])
@@ -146,7 +148,7 @@ def test_padded_batches_enter_laplace_torchs_factors_not_ours():
     with pytest.warns(PaddedBatchWarning, match="padding"):
         ref = Laplace(backend="laplace-torch", **kw).fit(fn, loader)
     rel = []
-    for f, f_longer, (_, a_ref) in zip(own.factors, own_longer.factors, ref.lt.la.H_facs.kfacs):
+    for f, f_longer, (_, a_ref) in zip(own.engine.factors, own_longer.engine.factors, ref.engine.la.H_facs.kfacs):
         a, a_longer = dense(f)[1], dense(f_longer)[1]
         torch.testing.assert_close(a, a_longer, rtol=1e-5, atol=1e-6 * float(a.abs().max()))
         rel.append(float((a_ref.double() - a).norm() / a.norm()))

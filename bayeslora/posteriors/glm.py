@@ -156,3 +156,16 @@ def mc_logits(
     root = vecs * vals.clamp_min(0.0).sqrt()[..., None, :]  # [B, C, C]
     eps = torch.randn(n_samples, *mean.shape, generator=generator, device=mean.device, dtype=torch.float64)
     return (mean.double() + torch.einsum("bcd,sbd->sbc", root, eps)).float()
+
+
+EPISTEMIC_SAMPLES = 512  # logit samples of the GLM Gaussian for the probit predictive's mutual information
+
+
+def epistemic(mean: torch.Tensor, cov: torch.Tensor, generator: torch.Generator | None, seed: int = 0) -> torch.Tensor:
+    """The mutual information ``[B]`` of the GLM Gaussian over the logits (:data:`EPISTEMIC_SAMPLES` MC samples),
+    the epistemic score of the probit predictive (whose one adjusted-logit sample carries none)."""
+    from ..predictive import Predictive
+
+    if generator is None:
+        generator = torch.Generator(device=mean.device).manual_seed(seed)
+    return Predictive(mc_logits(mean, cov, EPISTEMIC_SAMPLES, generator)).mutual_information

@@ -33,9 +33,11 @@ from torch import nn
 
 from ..function import AdapterFn, model_mode
 from ..predictive import Predictive
+from .glm import epistemic
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .laplace import Laplace
+    from ..params import ParamGroup
+    from .laplace_own import LaplaceSettings
 
 
 class _Logits(nn.Module):
@@ -93,22 +95,22 @@ class LaplaceTorch:
     Built at :meth:`fit` (or lazily at the first prediction after :meth:`load_state_dict`).
     """
 
-    def __init__(self, cfg: Laplace):
-        self.cfg = cfg
+    def __init__(self, settings: LaplaceSettings):
+        self.cfg = settings
         self.fn: AdapterFn | None = None
         self.la = None
         self.names: list[str] = []
         self.values: dict[str, torch.Tensor] = {}
         self._state: Mapping[str, Any] | None = None
 
-    def _build(self, fn: AdapterFn) -> None:
+    def _build(self, fn: AdapterFn, groups: Sequence[ParamGroup]) -> None:
         from laplace import Laplace as make_laplace
         from laplace.curvature import CurvlinopsEF, CurvlinopsGGN
 
         cfg = self.cfg
         if cfg.structure == "diag" and cfg.fisher == "empirical":
             raise ValueError("fisher: laplace-torch has no diagonal empirical Fisher for dict inputs; use 'ggn'.")
-        names = [n for g in cfg.select(fn) for n in g.names]
+        names = [n for g in groups for n in g.names]
         if self._state is not None and names != list(self._state["names"]):
             raise ValueError(
                 "fn: the model's adapter tensors do not match the fitted posterior; load it into the same model, "
@@ -137,9 +139,9 @@ class LaplaceTorch:
     def _trainable(self):
         return only_trainable(self.fn.model, self.names)
 
-    def _ready(self, fn: AdapterFn) -> None:
+    def _ready(self, fn: AdapterFn, groups: Sequence[ParamGroup]) -> None:
         if self.la is None or self.fn is not fn:
-            self._build(fn)
+            self._build(fn, groups)
         live = fn.params.values()
         if any(not torch.equal(live[n], v.to(live[n].device)) for n, v in self.values.items()):
             raise ValueError(
@@ -151,7 +153,7 @@ class LaplaceTorch:
     def _link(self) -> str:
         return "mc" if self.cfg.predictive == "glm_mc" else "probit"
 
-    def fit(self, fn: AdapterFn, loader, val_loader=None) -> None:
+    def fit(self, fn: AdapterFn, loader, groups: Sequence[ParamGroup], val_loader=None, num_data=None) -> None:
         cfg = self.cfg
         padded = padded_fraction(loader)
         if padded > 0:
@@ -163,7 +165,7 @@ class LaplaceTorch:
                 stacklevel=3,
             )
         self._state = None
-        self._build(fn)
+        self._build(fn, groups)
         with self._trainable(), model_mode(fn.model, False):
             self.la.fit(loader)
             structure = "layerwise" if cfg.prior_per_layer else "scalar"
@@ -178,23 +180,27 @@ class LaplaceTorch:
                     self.la.optimize_prior_precision(
                         pred_type="glm", method="gridsearch", val_loader=val_loader, link_approx=self._link,
                         log_prior_prec_min=math.log10(low), log_prior_prec_max=math.log10(high), grid_size=points,
-                        n_samples=cfg._samples(None) if self._link == "mc" else 100,
+                        n_samples=cfg.samples() if self._link == "mc" else 100,
                     )  # fmt: skip
         self.values = {n: p.detach().clone() for n, p in fn.params.tensors().items()}
 
-    def glm_moments(self, fn: AdapterFn, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        self._ready(fn)
+    def glm_moments(
+        self, fn: AdapterFn, groups: Sequence[ParamGroup], batch: Mapping[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self._ready(fn, groups)
         with self._trainable(), model_mode(fn.model, False):
             js, f_mu = self.la.backend.jacobians(fn.to_device(batch))
             return f_mu.detach().float(), self.la.functional_variance(js).detach().double()
 
-    def predict(self, fn: AdapterFn, batch, n_samples: int, generator) -> Predictive:
-        self._ready(fn)
+    def predict(self, fn: AdapterFn, groups: Sequence[ParamGroup], batch, n_samples: int, generator) -> Predictive:
+        self._ready(fn, groups)
         batch = fn.to_device(batch)
-        with self._trainable(), model_mode(fn.model, False), torch.no_grad():
-            if self.cfg.predictive == "glm_probit":
+        if self.cfg.predictive == "glm_probit":  # laplace-torch's probit, with the MI of its logit Gaussian
+            with self._trainable(), model_mode(fn.model, False), torch.no_grad():
                 probs = self.la(batch, pred_type="glm", link_approx="probit")
-                return Predictive.point(probs.double().clamp_min(1e-300).log().float())
+            mean, cov = self.glm_moments(fn, groups, batch)
+            return Predictive.point(probs.double().clamp_min(1e-300).log().float(), epistemic(mean, cov, generator))
+        with self._trainable(), model_mode(fn.model, False), torch.no_grad():
             pred_type = "glm" if self.cfg.predictive == "glm_mc" else "nn"
             samples = self.la.functional_samples(batch, pred_type=pred_type, n_samples=n_samples, generator=generator)
             return Predictive(samples.float())
@@ -206,6 +212,17 @@ class LaplaceTorch:
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self._state, self.la, self.fn = dict(state), None, None
+
+    @property
+    def prior(self) -> torch.Tensor:
+        """laplace-torch's prior precision, per tensor (a scalar expanded when it is one)."""
+        if self.la is None:
+            raise ValueError("backend: the laplace-torch posterior is rebuilt at its first prediction; predict first.")
+        return self.la.prior_precision.detach().double().cpu().reshape(-1)
+
+    def mean_values(self) -> dict[str, torch.Tensor] | None:
+        """The MAP the posterior was fit at (laplace-torch predicts with the live adapter, which must equal it)."""
+        return dict(self.values or (self._state or {}).get("values") or {}) or None
 
     def factor_bytes(self) -> int:
         h = self.state_dict()["la"]["H"]
