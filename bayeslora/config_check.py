@@ -15,7 +15,7 @@ from typing import Any
 
 TOP_LEVEL = frozenset(
     {"model", "lora", "data", "method", "train", "params", "eval", "seed", "prior_precision", "device", "gpu_slots",
-     "dtype", "results_dir", "method_label", "run_name", "run_dir", "map_cache", "force", "hydra"}
+     "dtype", "results_dir", "method_label", "run_name", "run_dir", "map_cache", "force", "hydra", "stages"}
 )  # fmt: skip
 DATA_KEYS = frozenset({"name", "task", "root", "max_length", "max_train", "max_eval", "val_size", "options", "answers"})
 MODEL_KEYS = frozenset({"name", "format", "lora_targets"})
@@ -40,8 +40,11 @@ def group_keys() -> dict[str, frozenset[str]]:
     }
 
 
+INSTANTIATE_KEYS = frozenset({"_target_", "_partial_", "_convert_", "_recursive_"})
+
+
 def _unknown(where: str, found: Mapping[str, Any], allowed: frozenset[str] | set[str]) -> None:
-    unknown = sorted(set(found) - set(allowed))
+    unknown = sorted(set(found) - set(allowed) - (INSTANTIATE_KEYS if where else set()))
     if unknown:
         key = f"{where}.{unknown[0]}" if where else unknown[0]
         raise ValueError(

@@ -14,6 +14,7 @@ from __future__ import annotations
 from hydra.core.config_store import ConfigStore
 
 GROUP = "method_defaults"
+TARGET = "bayeslora.posteriors.build"  # instantiate(cfg.method) builds the posterior
 
 
 def register() -> None:
@@ -22,4 +23,5 @@ def register() -> None:
 
     store = ConfigStore.instance()
     for name in METHODS:
-        store.store(group=GROUP, name=name, node={"name": name, **method_defaults(name)}, provider="bayeslora")
+        node = {"_target_": TARGET, "name": name, **method_defaults(name)}
+        store.store(group=GROUP, name=name, node=node, provider="bayeslora")

@@ -50,6 +50,7 @@ RUNTIME_KEYS = frozenset(
         "device",
         "gpu_slots",
         "force",
+        "stages",  # the study's staged sweeps (read by its script), not a setting of one run
         "results_dir",
         "run_dir",
         "run_name",

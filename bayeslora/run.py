@@ -28,16 +28,17 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from .adapter_state import list_checkpoints, load_trained, trained_values
 from .calibration import fit_temperature, temperature_scaled
 from .config_check import check_run_config
-from .data import build_task, make_loader
+from .data import make_loader
 from .hydra_store import register as register_method_defaults
 from .io import load_torch, save_torch
 from .metrics import Predictions
-from .models import LoraSpec, add_lora, load_model, load_tokenizer, locate
+from .models import add_lora, load_model, load_tokenizer, locate
 from .ood import ood_report, predict_ood, prepare_ood
 from .posteriors import accepts
 from .results import TS_SUFFIX, RunRecord, digest, identity_mismatch, map_identity, run_id, run_identity, setting_id
@@ -68,6 +69,12 @@ def compose(overrides: list[str] | None = None) -> DictConfig:
     register()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=list(overrides or []), return_hydra_config=False)
+
+
+def study_stages(overrides: list[str]) -> list[list[str]]:
+    """The staged sweeps of a study: its experiment config's ``stages`` (lists of Hydra overrides), in order."""
+    stages = compose(overrides).get("stages") or []
+    return [[str(o) for o in stage] for stage in stages]
 
 
 def _plain(cfg: Any) -> Any:
@@ -127,11 +134,16 @@ def _fit_map(bl: BayesianLoRA, cfg: Mapping[str, Any], loader, ckpt_dir: Path, c
     return {**info, "cached": False}, ckpt_dir
 
 
+def _run_level_options(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """What the run's top level gives the method: the one prior number, where the method takes one."""
+    name = cfg["method"]["name"]
+    return {"prior_precision": float(cfg["prior_precision"])} if accepts(name, "prior_precision") else {}
+
+
 def _method_options(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    options = {k: v for k, v in dict(cfg["method"]).items() if k != "name"}
-    if accepts(cfg["method"]["name"], "prior_precision"):
-        options.setdefault("prior_precision", float(cfg["prior_precision"]))
-    return options
+    """The method's options as the config gives them (``make_posterior(name, **options)``)."""
+    options = {k: v for k, v in dict(cfg["method"]).items() if k not in ("name", "_target_")}
+    return {**options, **_run_level_options(cfg)}
 
 
 def run(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
@@ -230,20 +242,8 @@ def _execute(cfg: dict[str, Any], run_dir: Path, metrics_path: Path, identity: d
 
 
 def _build_task(cfg: Mapping[str, Any], tokenizer):
-    dcfg = cfg["data"]
-    return build_task(
-        dcfg["task"],
-        tokenizer,
-        format=cfg["model"]["format"],
-        root=dcfg.get("root"),
-        max_length=dcfg["max_length"],
-        max_train=dcfg.get("max_train"),
-        max_eval=dcfg.get("max_eval"),
-        val_size=dcfg["val_size"],
-        seed=int(cfg["seed"]),
-        answers=dcfg.get("answers"),
-        **dict(dcfg.get("options") or {}),
-    )
+    """The data group instantiates its task builder (``bayeslora.data.tasks.task_from_config``)."""
+    return _instantiate(cfg["data"], tokenizer, format=cfg["model"]["format"], seed=int(cfg["seed"]))
 
 
 def _prepare_ood(cfg: Mapping[str, Any], tokenizer, task) -> dict:
@@ -261,7 +261,7 @@ def _prepare_ood(cfg: Mapping[str, Any], tokenizer, task) -> dict:
 
 
 def _build_model(cfg: Mapping[str, Any], task) -> BayesianLoRA:
-    mcfg, lcfg, seed = cfg["model"], cfg["lora"], int(cfg["seed"])
+    mcfg, seed = cfg["model"], int(cfg["seed"])
     model, _ = load_model(
         mcfg["name"],
         format=mcfg["format"],
@@ -270,16 +270,23 @@ def _build_model(cfg: Mapping[str, Any], task) -> BayesianLoRA:
         device=cfg["device"],
         seed=seed,
     )
-    spec = LoraSpec(
-        r=lcfg["r"],
-        alpha=lcfg["alpha"],
-        dropout=lcfg["dropout"],
-        target_modules=lcfg.get("target_modules"),
-        modules_to_save=lcfg.get("modules_to_save"),
-        seed=seed,
-    )
+    spec = _instantiate(cfg["lora"], seed=seed)  # the lora group: a LoraSpec
     peft_model = add_lora(model, spec, format=mcfg["format"])
-    return BayesianLoRA(peft_model, task.readout, cfg["method"]["name"], params=cfg["params"], **_method_options(cfg))
+    posterior = _instantiate(cfg["method"], **_run_level_options(cfg))  # the method group: the posterior
+    lam = cfg["prior_precision"]
+    return BayesianLoRA(peft_model, task.readout, posterior, params=cfg["params"], prior_precision=lam)
+
+
+def _instantiate(node: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:
+    """``hydra.utils.instantiate`` of a config group, raising the target's own error (not Hydra's wrapper)."""
+    from hydra.errors import InstantiationException
+
+    try:
+        return instantiate(node, *args, **kwargs, _convert_="all")
+    except InstantiationException as err:
+        if err.__cause__ is not None:
+            raise err.__cause__ from None
+        raise
 
 
 def _record(cfg: Mapping[str, Any], task, map_info: dict, preds: Mapping[str, Predictions]) -> dict[str, Any]:

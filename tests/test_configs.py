@@ -3,8 +3,9 @@
 import pytest
 from omegaconf import OmegaConf
 
-from bayeslora.posteriors import METHODS, accepts, make_posterior, method_defaults
-from bayeslora.run import _method_options, compose, config_dir
+from bayeslora.config_check import check_run_config
+from bayeslora.posteriors import METHODS, Posterior, accepts, make_posterior, method_defaults
+from bayeslora.run import _instantiate, _method_options, _run_level_options, compose, config_dir
 
 METHOD_FILES = sorted(p.stem for p in (config_dir() / "method").glob("*.yaml"))
 
@@ -26,7 +27,8 @@ def test_method_config_equals_the_python_defaults(method):
     node = cfg.method
     defaults = method_defaults(method)
     assert node.name == method
-    extra = sorted(set(node) - set(defaults) - {"name"})
+    assert node._target_ == "bayeslora.posteriors.build"  # the group instantiates the posterior
+    extra = sorted(set(node) - set(defaults) - {"name", "_target_"})
     assert not extra, f"configs/method/{method}.yaml sets {extra}, which {method} does not take"
     for key, default in defaults.items():
         assert key in node, f"{method}: option {key} is missing from its config"
@@ -79,3 +81,30 @@ def test_config_rebuilds_an_equal_posterior(method):
     for key, value in options.items():
         assert config[key] == value, f"{method}.config()[{key!r}] = {config[key]!r}, built with {value!r}"
     assert make_posterior(method, **config).config() == config
+
+
+GROUPS = ("model", "lora", "data", "method", "train", "experiment", "debug")
+OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((config_dir() / g).glob("*.yaml"))]
+
+
+@pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
+def test_every_option_of_every_group_composes_checks_and_instantiates(group, option, shared_data, minilm_tokenizer):
+    from bayeslora.models import LoraSpec
+
+    overrides = [f"{group}={option}", "data.max_train=8", "data.max_eval=8"]
+    if group != "data" or option != "sst2_demo":
+        overrides.append(f"data.root={shared_data}")
+    plain = OmegaConf.to_container(compose(overrides), resolve=True)
+    check_run_config(plain)
+    assert isinstance(_instantiate(plain["lora"], seed=0), LoraSpec)
+    assert isinstance(_instantiate(plain["method"], **_run_level_options(plain)), Posterior)
+    if group in ("data", "debug"):
+        task = _instantiate(plain["data"], minilm_tokenizer, format="seq_cls", seed=0)
+        assert task.name == plain["data"]["task"] and len(task.train) >= 1 and len(task.test) >= 1
+
+
+@pytest.fixture(scope="module")
+def minilm_tokenizer():
+    from bayeslora.models import load_tokenizer, locate
+
+    return load_tokenizer(locate("minilm"), "seq_cls")

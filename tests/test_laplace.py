@@ -281,7 +281,7 @@ def test_registry_names_configs_and_yaml():
         assert post.name == method and post.structure == structure and post.prior_precision == 0.5
         json.dumps(post.config())
         cfg = OmegaConf.to_container(compose([f"method={method}"]).method, resolve=True)
-        assert cfg.pop("name") == method
+        assert cfg.pop("name") == method and cfg.pop("_target_") == "bayeslora.posteriors.build"
         assert make_posterior(method, **cfg).config() == {**post.config(), "prior_precision": 1.0, **cfg}
         assert METHODS[method][1]["structure"] == structure
 

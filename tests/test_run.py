@@ -226,3 +226,9 @@ def test_mc_answer_strings_from_the_config(tmp_path):
     assert result["data_info"]["answers"] == ["negative", "positive"]
     letters = run(_cfg(tmp_path, "model=tiny_llama", "eval.temperature_row=false"))
     assert letters["data_info"]["answers"] == ["A", "B"] and letters["run_dir"] != result["run_dir"]
+
+
+def test_the_debug_group_runs_any_config_in_seconds(tmp_path):
+    result = run(compose(["debug=default", "model=tiny_bert", "method=vi_blob", f"results_dir={tmp_path}"]))
+    assert result["map"]["steps"] == 2 and result["num_train"] == 16 and result["num_test"] == 16
+    assert "reliability_diagram" not in result and result["run_dir"].startswith(str(tmp_path))

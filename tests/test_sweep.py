@@ -6,6 +6,7 @@ import time
 import pytest
 from hydra import compose as hydra_compose
 from hydra import initialize_config_dir
+from omegaconf import OmegaConf
 
 from bayeslora.posteriors import METHODS
 from bayeslora.run import compose, config_dir
@@ -105,6 +106,30 @@ def test_study_configs_compose_and_sweep_registered_methods(study):
     for data in params.get("data", cfg.data.name).split(","):
         job = compose([f"experiment={study}", f"data={data}"])
         assert job.data.name == data and job.run_dir.startswith(f"results/{store}/{data}/")
+
+
+@pytest.mark.parametrize("study", ["minilm_calibration", "minilm_paper_tasks"])
+def test_study_stages_live_in_the_experiment_config_and_compose(study):
+    from bayeslora.config_check import check_run_config
+    from bayeslora.run import study_stages
+
+    stages = study_stages([f"experiment={study}"])
+    assert stages[0] == ["method=map,temperature,kfac_laplace"]  # the MAP runs first: they fill the MAP cache
+    swept = set()
+    for stage in stages:
+        sweep = [o for o in stage if o.startswith("method=")]
+        rest = [o for o in stage if not o.startswith("method=")]
+        for method in sweep[0].removeprefix("method=").split(","):
+            job = compose([f"experiment={study}", f"method={method}", *rest])
+            check_run_config(OmegaConf.to_container(job, resolve=True))
+            swept.add(job.method_label)
+    assert {"map", "kfac_laplace", "kfac_laplace_val", "vi_blob", "ensemble", "mc_dropout"} <= swept
+    # the stages are not part of a run's identity: editing them does not change the run directory
+    from bayeslora.results import run_identity
+
+    plain = OmegaConf.to_container(compose([f"experiment={study}"]), resolve=True)
+    edited = {**plain, "stages": [["method=map"]]}
+    assert run_identity(plain) == run_identity(edited) and "stages" in plain
 
 
 @pytest.mark.slow

@@ -164,6 +164,29 @@ def build_task(
     return TaskData(name, format, encoded["train"], encoded["validation"], encoded["test"], label_names, readout, info)
 
 
+def task_from_config(
+    tokenizer: Any,
+    *,
+    name: str,
+    task: str,
+    format: str,
+    seed: int,
+    root: str | os.PathLike | None = None,
+    max_length: int = 256,
+    max_train: int | None = None,
+    max_eval: int | None = None,
+    val_size: float | int = 0.1,
+    options: Mapping[str, Any] | None = None,
+    answers: Sequence[str] | None = None,
+) -> TaskData:
+    """The ``_target_`` of the data config group (``instantiate(cfg.data, tokenizer, format=..., seed=...)``):
+    :func:`build_task` of ``task`` with the group's keys (``name`` is the config's name, e.g. ``sst2_demo``)."""
+    return build_task(
+        task, tokenizer, format=format, root=root, max_length=max_length, max_train=max_train, max_eval=max_eval,
+        val_size=val_size, seed=seed, answers=answers, **dict(options or {}),
+    )  # fmt: skip
+
+
 # ----------------------------------------------------------------------------- argument checks
 def _spec(name: Any) -> TaskSpec:
     if not isinstance(name, str) or name not in TASKS:

@@ -134,6 +134,11 @@ def make_posterior(method: str, **kwargs: Any) -> Posterior:
     return factory(**kwargs)
 
 
+def build(name: str, **options: Any) -> Posterior:
+    """The Hydra ``_target_`` of the method group: ``instantiate(cfg.method)`` calls ``make_posterior``."""
+    return make_posterior(name, **options)
+
+
 def accepts(method: str, option: str) -> bool:
     """Whether a registered method takes the keyword ``option`` (e.g. ``prior_precision``)."""
     target, fixed = _entry(method)
@@ -208,6 +213,7 @@ __all__ = [
     "Needs",
     "Posterior",
     "accepts",
+    "build",
     "make_posterior",
     "method_defaults",
     "require_fitted",
