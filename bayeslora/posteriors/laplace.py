@@ -1,30 +1,9 @@
 """Laplace approximation over the LoRA adapter tensors (K-FAC, diagonal or last-layer).
 
-Around the MAP ``θ*`` the posterior is ``N(θ*, P⁻¹)`` with, per layer ``ℓ`` (a LoRA ``A`` or ``B``
-matrix, or the head ``[W | b]``), ``P_ℓ = N · K_ℓ + λ_ℓ I`` where ``K_ℓ`` is the per-example GGN
-(or Fisher) block — Kronecker-factored ``G ⊗ A`` (Ritter, Botev & Barber, ICLR 2018) or its exact
-diagonal — and ``λ`` is the precision of the prior ``N(0, λ⁻¹ I)`` (MacKay 1992; Daxberger et al.,
-NeurIPS 2021; for LoRA: Yang, Robeyns, Wang & Aitchison, "Bayesian low-rank adaptation for large
-language models", ICLR 2024). See :mod:`.kfac` for the curvature conventions and :mod:`.glm` for
-the predictive.
-
-Everything is computed in the eigenbasis of the curvature: with eigenvalues ``k_p`` of ``K_ℓ``
-(``g_i a_j`` for K-FAC; a low-rank side keeps the top ones, the rest count as 0),
-
-* ``log det P_ℓ − D_ℓ log λ_ℓ = Σ_p log(1 + N k_p / λ_ℓ)``;
-* log marginal likelihood (Laplace evidence; the ``2π`` terms cancel)::
-
-      log Z(λ) = log p(D | θ*) − ½ Σ_ℓ [ Σ_p log(1 + N k_p / λ_ℓ) + λ_ℓ ||θ*_ℓ||² ],
-
-  maximised exactly by its stationarity condition ``λ ||θ*||² = Σ_p N k_p / (N k_p + λ)`` (MacKay's
-  effective number of parameters), a monotone 1-D root found by bisection on ``log λ`` — per layer
-  when ``prior_per_layer``, else pooled;
-* validation NLL: the GLM predictive's NLL on the validation split over a log-spaced grid of ``λ``
-  (the "train_val" protocol of Yang et al. 2024) — MC in logit space for ``predictive="glm_mc"``
-  (common random numbers across the grid), probit otherwise (also for ``"sampling"``). The
-  Jacobians are computed once per batch; the grid costs only the eigen-reweighting. With
-  ``prior_per_layer`` the grid scales the per-layer marglik solution (normalised to geometric mean 1);
-* samples ``θ* + P^{-1/2} ε`` per layer in the eigenbasis (low-rank aware).
+The posterior ``N(θ*, P⁻¹)`` around the MAP, with a K-FAC or diagonal GGN / Fisher precision per layer and a
+Gaussian prior (Ritter et al. 2018; Daxberger et al. 2021; Yang et al., ICLR 2024): the formulas of the
+precision, the evidence, the prior fit and the weight samples are in :mod:`.laplace_own`, the curvature
+conventions in :mod:`.kfac`, the predictive in :mod:`.glm`.
 
 The numerics live in an engine, one strategy object per ``backend``: the own engine
 (:class:`~bayeslora.posteriors.laplace_own.OwnLaplace`) or laplace-torch
