@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Predictive:
     """Logit samples ``[S, B, C]`` and the quantities derived from them.
 
@@ -110,6 +110,22 @@ class Predictive:
         if self.epistemic is not None:
             return self.epistemic.double()
         return (self.entropy - self.expected_entropy).clamp_min(0.0)
+
+    def __repr__(self) -> str:
+        """Shapes and summary statistics (not a tensor dump): ``print(predictive)``."""
+        s, b, c = self.logits.shape
+        conf = self.probs.max(-1).values
+        parts = [
+            f"S={s} samples, B={b} examples, C={c} classes",
+            f"confidence mean {float(conf.mean()):.3f} (min {float(conf.min()):.3f}, max {float(conf.max()):.3f})",
+            f"entropy mean {float(self.entropy.mean()):.3f} nats",
+        ]
+        if self.has_epistemic:
+            source = "closed form" if self.epistemic is not None else "samples"
+            parts.append(f"mutual information mean {float(self.mutual_information.mean()):.4f} nats ({source})")
+        else:
+            parts.append("no epistemic score (a point predictor)")
+        return f"Predictive({'; '.join(parts)}; {self.logits.dtype}, {self.logits.device})"
 
     def to(self, device) -> Predictive:
         return Predictive(self.logits.to(device), None if self.epistemic is None else self.epistemic.to(device))

@@ -199,7 +199,8 @@ def _execute(cfg: dict[str, Any], run_dir: Path, metrics_path: Path, identity: d
             checkpoints = [str(p) for p in list_checkpoints(ckpt_dir)]
     timings["map_train_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    bl.fit(train_loader, val_loader=loaders["validation"], checkpoints=checkpoints)
+    val = loaders["validation"] if needs.validation else None
+    bl.fit(train_loader, val_loader=val, checkpoints=checkpoints)
     timings["fit_s"] = time.perf_counter() - t
 
     splits = list(dict.fromkeys(["validation", *cfg["eval"]["splits"]]))

@@ -10,17 +10,19 @@ subclass ``PeftModel`` and owns no optimizer or logger::
     bl.fit(train_loader)               # fits the posterior around the adapter
     pred = bl.predict(batch)           # Predictive [S, B, C]
     bl.evaluate(test_loader)           # {"acc", "ece", "nll", "brier", "aurc"}
-    bl.save(path); BayesianLoRA.load(path, base_model)
+    bl.save(path); BayesianLoRA.load(base_model, path)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,7 @@ from .function import AdapterFn
 from .io import load_torch
 from .metrics import Predictions, predict_loader
 from .params import AdapterParams
-from .posteriors import Posterior, accepts, make_posterior
+from .posteriors import Posterior, TunablePrior, accepts, make_posterior
 from .predictive import Predictive
 from .readout import Readout, readout_from_config
 from .train import TrainConfig, TrainResult, train_map
@@ -40,7 +42,8 @@ from .train import TrainConfig, TrainResult, train_map
 _META = "bayeslora.json"
 _STATE = "posterior.pt"
 _ADAPTER = "adapter"
-FORMAT_VERSION = 1  # docs/saved_format.md; bump when the files or their keys change
+FORMAT_VERSION = 1
+logger = logging.getLogger(__name__)  # docs/saved_format.md; bump when the files or their keys change
 
 
 class BayesianLoRA:
@@ -85,6 +88,8 @@ class BayesianLoRA:
         if isinstance(method, str):
             if prior_precision is not None and accepts(method, "prior_precision"):
                 method_kwargs.setdefault("prior_precision", prior_precision)
+            if prior_precision is not None and accepts(method, "prior_fit"):
+                method_kwargs.setdefault("prior_fit", "none")  # an explicit λ is the prior unless a fit is asked for
             self.posterior: Posterior = make_posterior(method, **method_kwargs)
         elif isinstance(method, Posterior):
             if method_kwargs:
@@ -133,10 +138,36 @@ class BayesianLoRA:
             raise ValueError(
                 f"val_loader: method {self.method!r} fits on a validation split; pass fit(loader, val_loader=...)."
             )
+        if val_loader is not None and not needs.validation:
+            warnings.warn(
+                f"val_loader: method {self.method!r} does not use a validation split in fit (it is ignored); "
+                "for a Laplace prior tuned on it call bl.optimize_prior_precision('val_nll', val_loader=...).",
+                UnusedArgumentWarning,
+                stacklevel=2,
+            )
+            val_loader = None
         if needs.checkpoints and checkpoints is None:
             checkpoints = getattr(self, "_map_checkpoints", None) or None
         self.posterior.fit(self.fn, loader, val_loader=val_loader, checkpoints=checkpoints)
         return self
+
+    def optimize_prior_precision(
+        self, method: str = "marglik", *, val_loader=None, grid: Sequence[float] | None = None
+    ) -> torch.Tensor:
+        """Fit the prior precision λ of the fitted posterior (laplace-torch's verb): ``"marglik"`` (the Laplace
+        evidence) or ``"val_nll"`` (the predictive's NLL on ``val_loader`` over a log ``grid`` ``[low, high, n]``).
+
+        ``BayesianLoRA(..., prior_precision=λ)`` keeps λ as the prior (``prior_fit="none"``) until this is called;
+        the fitted λ is logged and saved with :meth:`save`. Returns λ per layer ``[L]``.
+        """
+        if not isinstance(self.posterior, TunablePrior):
+            raise ValueError(
+                f"method: {self.method!r} has no prior precision to fit; the Laplace methods (kfac_laplace, "
+                "diag_laplace, last_layer_laplace) do."
+            )
+        prior = self.posterior.optimize_prior_precision(self.fn, method, val_loader=val_loader, grid=grid)
+        logger.info("prior precision by %s: %s", method, [round(float(x), 6) for x in prior.reshape(-1)])
+        return prior
 
     # ------------------------------------------------------------------ prediction
     def predict(self, batch: Mapping[str, torch.Tensor], n_samples: int | None = None, generator=None) -> Predictive:
@@ -178,6 +209,7 @@ class BayesianLoRA:
                     "lora_tensors": self.params.lora_tensors,
                 },
                 "prior_precision": self.prior_precision,
+                "fitted_prior_precision": self._fitted_prior(),
             }
             (tmp / _META).write_text(json.dumps(meta, indent=2) + "\n")
             _replace_dir(tmp, path)
@@ -187,8 +219,40 @@ class BayesianLoRA:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike, base_model: nn.Module, *, autocast_dtype="auto") -> BayesianLoRA:
+    def from_pretrained(
+        cls, base_model: nn.Module, adapter_dir: str | os.PathLike, readout: Readout, method: str | Posterior = "map",
+        *, adapter_name: str = "default", **kwargs: Any,
+    ) -> BayesianLoRA:  # fmt: skip
+        """A BayesianLoRA around a peft LoRA adapter trained anywhere (``PeftModel.from_pretrained`` order).
+
+        Args:
+            base_model: the base model the adapter was trained on.
+            adapter_dir: the directory ``save_pretrained`` wrote (``adapter_config.json`` + weights).
+            readout: maps the model output to class logits (e.g. ``AnswerTokenLogits.from_tokenizer``).
+            method: the posterior to fit around the adapter (``bl.fit(loader)`` next).
+            adapter_name: the adapter's name in the peft model.
+            **kwargs: the constructor's keyword arguments (``params``, ``prior_precision``, method options).
+        """
+        from peft import PeftModel
+
+        if not (Path(adapter_dir) / "adapter_config.json").is_file():
+            raise ValueError(
+                f"adapter_dir: {str(adapter_dir)!r} holds no adapter_config.json; pass the directory that peft's "
+                "save_pretrained wrote."
+            )
+        model = PeftModel.from_pretrained(base_model, str(adapter_dir), adapter_name=adapter_name, is_trainable=True)
+        model.eval()
+        params = kwargs.pop("params", None) or {}
+        if isinstance(params, Mapping):
+            params = {"adapter_name": adapter_name, **params}
+        return cls(model, readout, method, params=params, **kwargs)
+
+    @classmethod
+    def load(cls, base_model: nn.Module, path: str | os.PathLike, *, autocast_dtype="auto") -> BayesianLoRA:
         """Load a saved BayesianLoRA onto a fresh base model (the same architecture and weights).
+
+        The argument order is ``PeftModel.from_pretrained``'s (model, then path); the old ``load(path, base_model)``
+        still works and warns (``DeprecationWarning``).
 
         Refuses (``ValueError`` naming the file, the field and the fix) a directory of another format version, a
         base model whose fingerprint differs from the one the posterior was fit on, a posterior state that fails
@@ -196,6 +260,16 @@ class BayesianLoRA:
         """
         from peft import PeftModel
 
+        if isinstance(base_model, (str, os.PathLike)) and isinstance(path, nn.Module):
+            warnings.warn(
+                "BayesianLoRA.load(path, base_model) is deprecated; pass load(base_model, path), the order of "
+                "PeftModel.from_pretrained.",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            base_model, path = path, base_model
+        if not isinstance(base_model, nn.Module):
+            raise TypeError(f"base_model: expected a torch model (the fresh base), got {type(base_model).__name__}.")
         path = Path(path)
         meta_file = path / _META
         if not meta_file.is_file():
@@ -247,6 +321,15 @@ class BayesianLoRA:
         bl._check_stored_values(state_file, state.get("values"))
         return bl
 
+    def _fitted_prior(self) -> list[float] | None:
+        """The posterior's fitted λ per layer (None for methods without one)."""
+        if not isinstance(self.posterior, TunablePrior):
+            return None
+        try:
+            return [float(x) for x in self.posterior.prior.reshape(-1)]
+        except (RuntimeError, ValueError):  # not fitted, or a laplace-torch state not rebuilt yet
+            return None
+
     def _check_stored_values(self, state_file: Path, values: Any) -> None:
         """A posterior state that stores the adapter values it was fit at (``values``) must match the adapter."""
         if not isinstance(values, Mapping) or not values:
@@ -258,6 +341,10 @@ class BayesianLoRA:
                     f"{state_file}: field 'values' ({name}) differs from the saved adapter's value; the posterior and "
                     f"{_ADAPTER}/ come from different fits. Save them together again with BayesianLoRA.save()."
                 )
+
+
+class UnusedArgumentWarning(UserWarning):
+    """An argument that the chosen method does not use (it is ignored)."""
 
 
 def compute_dtype(model: nn.Module) -> torch.dtype | None:

@@ -161,7 +161,7 @@ def test_save_load_all_members(tmp_path):
     before = bl.predictions(ds.loader(8)).log_probs
     bl.save(tmp_path / "ens")
     base, _ = load_model("tiny-bert", device="cpu")
-    loaded = BayesianLoRA.load(tmp_path / "ens", base)
+    loaded = BayesianLoRA.load(base, tmp_path / "ens")
     torch.testing.assert_close(loaded.predictions(ds.loader(8)).log_probs, before)
     assert loaded.posterior.k == 2 and loaded.posterior.train == TRAIN
     assert loaded.posterior.histories == bl.posterior.histories

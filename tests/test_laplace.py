@@ -264,7 +264,7 @@ from bayeslora import BayesianLoRA
 from bayeslora.io import load_torch
 from bayeslora.models import load_model
 base, _ = load_model("tiny-bert", device="cpu", seed=0)
-bl = BayesianLoRA.load({str(tmp_path / "run")!r}, base)
+bl = BayesianLoRA.load(base, {str(tmp_path / "run")!r})
 out = bl.predict(load_torch({str(tmp_path / "batch.pt")!r}), generator=torch.Generator().manual_seed(3)).logits
 print(json.dumps(out.tolist()))
 """

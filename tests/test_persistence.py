@@ -32,14 +32,14 @@ def test_the_same_base_loads_and_predicts_identically(saved):
     path, before, ds = saved
     meta = json.loads((path / "bayeslora.json").read_text())
     assert meta["format_version"] == FORMAT_VERSION and len(meta["base_model"]["tensors"]) == 4
-    loaded = BayesianLoRA.load(path, _base())
+    loaded = BayesianLoRA.load(_base(), path)
     torch.testing.assert_close(loaded.predictions(ds.loader(16)).log_probs, before)
 
 
 def test_a_base_with_other_weights_of_the_same_architecture_is_refused(saved):
     path, _, _ = saved
     with pytest.raises(ValueError, match=r"bayeslora.json: field 'base_model': the weights .* differ"):
-        BayesianLoRA.load(path, _base(seed=1))
+        BayesianLoRA.load(_base(seed=1), path)
 
 
 def test_the_fingerprint_skips_what_the_adapter_restores_and_sees_one_changed_weight():
@@ -74,13 +74,13 @@ def _edit(saved, tmp_path, edit_meta=None, edit_state=None):
 def test_another_format_version_is_refused(saved, tmp_path):
     copy = _edit(saved, tmp_path, edit_meta=lambda m: m.update(format_version=0))
     with pytest.raises(ValueError, match=r"bayeslora.json: field 'format_version' is 0.*Re-save"):
-        BayesianLoRA.load(copy, _base())
+        BayesianLoRA.load(_base(), copy)
 
 
 def test_a_non_positive_num_data_is_refused(saved, tmp_path):
     copy = _edit(saved, tmp_path, edit_state=lambda s: s.update(num_data=0))
     with pytest.raises(ValueError, match=r"posterior.pt: state\['num_data'\]: expected the training-set size N >= 1"):
-        BayesianLoRA.load(copy, _base())
+        BayesianLoRA.load(_base(), copy)
 
 
 def test_non_orthonormal_eigenvectors_are_refused(saved, tmp_path):
@@ -89,7 +89,7 @@ def test_non_orthonormal_eigenvectors_are_refused(saved, tmp_path):
 
     copy = _edit(saved, tmp_path, edit_state=scale)
     with pytest.raises(ValueError, match=r"posterior.pt: state\['factors'\]\[0\]: .* not orthonormal"):
-        BayesianLoRA.load(copy, _base())
+        BayesianLoRA.load(_base(), copy)
 
 
 def test_stored_map_values_that_differ_from_the_adapter_are_refused(saved, tmp_path):
@@ -99,4 +99,4 @@ def test_stored_map_values_that_differ_from_the_adapter_are_refused(saved, tmp_p
 
     copy = _edit(saved, tmp_path, edit_state=shift)
     with pytest.raises(ValueError, match=r"posterior.pt: field 'values' .* differs from the saved adapter"):
-        BayesianLoRA.load(copy, _base())
+        BayesianLoRA.load(_base(), copy)

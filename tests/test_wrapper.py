@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -67,12 +68,12 @@ def test_save_load_round_trip_gives_identical_predictions(tmp_path):
     bl.save(tmp_path / "run")  # overwriting an existing save is atomic and allowed
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
     base, _ = load_model("tiny-bert", device="cpu", seed=0)
-    loaded = BayesianLoRA.load(tmp_path / "run", base)
+    loaded = BayesianLoRA.load(base, tmp_path / "run")
     after = loaded.predictions(ds.loader(16)).log_probs
     torch.testing.assert_close(before, after)
     assert loaded.method == "map" and loaded.params.names == bl.params.names
     with pytest.raises(ValueError, match="not a saved BayesianLoRA"):
-        BayesianLoRA.load(tmp_path, base)
+        BayesianLoRA.load(base, tmp_path)
 
 
 def test_temperature_method_needs_validation_split():
@@ -131,3 +132,76 @@ def test_float32_on_a_gpu_computes_in_float32_and_bf16_in_bf16(monkeypatch):
     explicit = BayesianLoRA(add_lora(load_model("tiny-bert", device="cpu")[0], LoraSpec(r=2)),
                             SequenceClassificationLogits(2), autocast_dtype=torch.bfloat16)  # fmt: skip
     assert explicit.fn.autocast_dtype is torch.bfloat16
+
+
+def test_the_prior_precision_is_a_verb():
+    """An explicit prior_precision is the prior until optimize_prior_precision is called; it is saved after."""
+    from bayeslora.wrapper import UnusedArgumentWarning
+
+    fn, _ = tiny_fn("bert", r=2)
+    ds = TokenDataset(32, seed=6)
+    bl = BayesianLoRA(fn.model, fn.readout, "kfac_laplace", prior_precision=3.0)
+    bl.fit_map(ds.loader(8), {"lr": 1e-2, "max_steps": 6, "progress": False})
+    with pytest.warns(UnusedArgumentWarning, match="val_loader: method 'kfac_laplace' does not use"):
+        bl.fit(ds.loader(8), val_loader=ds.loader(8))
+    assert torch.equal(bl.posterior.prior, torch.full_like(bl.posterior.prior, 3.0))  # respected, not replaced
+    engine = bl.posterior.engine
+    lam = bl.optimize_prior_precision("marglik")
+    torch.testing.assert_close(lam, engine.fit_marglik())  # the evidence's maximiser
+    assert engine.log_marglik(lam) >= engine.log_marglik(3.0)
+    grid = [1e-2, 1e2, 9]
+    lam_val = bl.optimize_prior_precision("val_nll", val_loader=ds.loader(8), grid=grid)
+    assert min(abs(float(lam_val[0]) - g) for g in torch.logspace(-2, 2, 9).tolist()) < 1e-6 * float(lam_val[0])
+    assert engine.val_curve["prior"] == pytest.approx(torch.logspace(-2, 2, 9, dtype=torch.float64).tolist())
+    with pytest.raises(ValueError, match="val_loader: method='val_nll' tunes"):
+        bl.optimize_prior_precision("val_nll")
+    with pytest.raises(ValueError, match="only method='val_nll' uses them"):
+        bl.optimize_prior_precision("marglik", grid=grid)
+    with pytest.raises(ValueError, match="has no prior precision to fit"):
+        BayesianLoRA(fn.model, fn.readout, "map").optimize_prior_precision()
+    assert BayesianLoRA(fn.model, fn.readout, "kfac_laplace").posterior.prior_fit == "marglik"  # no λ: the default
+
+
+def test_the_fitted_prior_is_saved(tmp_path):
+    fn, _ = tiny_fn("bert", r=2)
+    ds = TokenDataset(16, seed=7)
+    bl = BayesianLoRA(fn.model, fn.readout, "kfac_laplace", prior_precision=2.0)
+    bl.fit(ds.loader(8))
+    lam = bl.optimize_prior_precision("marglik")
+    bl.save(tmp_path / "s")
+    meta = json.loads((tmp_path / "s" / "bayeslora.json").read_text())
+    assert meta["fitted_prior_precision"] == pytest.approx(lam.tolist()) and meta["prior_precision"] == 2.0
+
+
+def test_an_adapter_trained_elsewhere_and_the_peft_argument_order(tmp_path):
+    from peft import PeftModel
+
+    bl = _bl()
+    ds = TokenDataset(24, seed=8)
+    bl.fit_map(ds.loader(8), {"lr": 1e-2, "max_steps": 3, "progress": False})
+    bl.model.save_pretrained(tmp_path / "adapter")  # any peft adapter directory
+    bl.fit(ds.loader(8))
+    want = bl.predictions(ds.loader(8)).log_probs
+    mine = BayesianLoRA.from_pretrained(load_model("tiny-bert", device="cpu", seed=0)[0], tmp_path / "adapter",
+                                        SequenceClassificationLogits(2), "map").fit(ds.loader(8))  # fmt: skip
+    assert isinstance(mine.model, PeftModel)
+    torch.testing.assert_close(mine.predictions(ds.loader(8)).log_probs, want)
+    with pytest.raises(ValueError, match="adapter_dir: .* holds no adapter_config.json"):
+        BayesianLoRA.from_pretrained(
+            load_model("tiny-bert", device="cpu")[0], tmp_path, SequenceClassificationLogits(2)
+        )
+    bl.save(tmp_path / "saved")
+    with pytest.warns(DeprecationWarning, match=r"load\(path, base_model\) is deprecated"):
+        old = BayesianLoRA.load(tmp_path / "saved", load_model("tiny-bert", device="cpu", seed=0)[0])
+    torch.testing.assert_close(old.predictions(ds.loader(8)).log_probs, want)
+
+
+def test_printing_a_predictive_shows_shapes_and_summaries_not_tensors():
+    from bayeslora.predictive import Predictive
+
+    logits = torch.tensor([[[2.0, 0.0], [0.0, 0.0]], [[0.0, 2.0], [0.0, 0.0]]])
+    text = repr(Predictive(logits))
+    assert text.startswith("Predictive(S=2 samples, B=2 examples, C=2 classes") and "tensor(" not in text
+    assert "confidence mean 0.500" in text and "mutual information mean" in text  # BMA of two opposite samples
+    assert "no epistemic score" in str(Predictive.point(logits[0]))
+    assert "closed form" in str(Predictive.point(logits[0], torch.tensor([0.1, 0.2])))

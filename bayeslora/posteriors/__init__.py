@@ -47,6 +47,17 @@ class Needs:
 
 
 @runtime_checkable
+class TunablePrior(Protocol):
+    """A posterior whose prior precision can be fit after ``fit`` (the Laplace methods)."""
+
+    prior: torch.Tensor
+
+    def optimize_prior_precision(
+        self, fn: AdapterFn, method: str = "marglik", *, val_loader=None, grid: Sequence[float] | None = None
+    ) -> torch.Tensor: ...
+
+
+@runtime_checkable
 class Posterior(Protocol):
     """An approximate posterior over the selected adapter tensors.
 
@@ -212,6 +223,7 @@ __all__ = [
     "METHODS",
     "Needs",
     "Posterior",
+    "TunablePrior",
     "accepts",
     "build",
     "make_posterior",

@@ -168,6 +168,30 @@ class Laplace:
         self.engine = engine
         return self
 
+    def optimize_prior_precision(
+        self, fn: AdapterFn, method: str = "marglik", *, val_loader=None, grid: Sequence[float] | None = None
+    ) -> torch.Tensor:
+        """Fit the prior precision λ of the fitted posterior (laplace-torch's verb); returns λ per layer ``[L]``.
+
+        Args:
+            fn: the AdapterFn the posterior was fit on.
+            method: ``"marglik"`` (the Laplace evidence), ``"val_nll"`` (the GLM predictive's NLL on
+                ``val_loader`` over a log-spaced ``grid``) or ``"none"`` (back to ``prior_precision``).
+            val_loader: the validation split, required for ``"val_nll"``.
+            grid: ``[low, high, points]`` for ``"val_nll"`` (default: ``prior_grid``).
+        """
+        engine = require_fitted(self, "engine")
+        choice("method", method, PRIOR_FITS)
+        if method == "val_nll" and val_loader is None:
+            raise ValueError("val_loader: method='val_nll' tunes λ on a validation split; pass val_loader=.")
+        if method != "val_nll" and (val_loader is not None or grid is not None):
+            raise ValueError(f"val_loader / grid: only method='val_nll' uses them; method={method!r} does not.")
+        if grid is not None:
+            grid = list(grid)
+            if len(grid) != 3 or not 0 < grid[0] < grid[1] or int(grid[2]) < 2:
+                raise ValueError(f"grid: expected [low, high, points] with 0 < low < high, points >= 2, got {grid}.")
+        return engine.optimize_prior(fn, self.select(fn), method, val_loader, grid)
+
     @property
     def prior(self) -> torch.Tensor:
         """The fitted prior precision per layer ``[L]``."""

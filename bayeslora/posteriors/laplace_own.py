@@ -97,11 +97,18 @@ class OwnLaplace:
                 lowrank_threshold=self.s.lowrank_threshold, generator=generator,
             )  # fmt: skip
         self.factors, self.loss, self.num_data = curv.factors, curv.loss, num_data
-        self.prior = torch.full((len(groups),), self.s.prior_precision, dtype=torch.float64)
-        if self.s.prior_fit == "marglik":
+        self.optimize_prior(fn, groups, self.s.prior_fit, val_loader, self.s.prior_grid)
+
+    def optimize_prior(self, fn: AdapterFn, groups, method: str, val_loader=None, grid=None) -> torch.Tensor:
+        """Set λ: ``"none"`` (``prior_precision``), ``"marglik"`` or ``"val_nll"`` (on ``grid``); returns it."""
+        self.groups = list(groups)
+        if method == "marglik":
             self.prior = self.fit_marglik()
-        elif self.s.prior_fit == "val_nll":
-            self.prior = self.fit_val_nll(fn, val_loader)
+        elif method == "val_nll":
+            self.prior = self.fit_val_nll(fn, val_loader, grid)
+        else:
+            self.prior = torch.full((len(self.names),), self.s.prior_precision, dtype=torch.float64)
+        return self.prior
 
     def _sq_norms(self) -> torch.Tensor:
         return torch.tensor([sum(float(self.values[n].double().square().sum()) for n in names) for names in self.names])
@@ -132,9 +139,11 @@ class OwnLaplace:
         lam = (0.5 * (lo + hi)).exp()
         return lam if self.s.prior_per_layer else lam.expand(len(self.factors)).clone()
 
-    def fit_val_nll(self, fn: AdapterFn, val_loader) -> torch.Tensor:
-        """The λ (``[L]``) on the grid minimising the validation NLL of the GLM predictive."""
-        low, high, points = self.s.prior_grid
+    def fit_val_nll(self, fn: AdapterFn, val_loader, grid=None) -> torch.Tensor:
+        """The λ (``[L]``) on the grid (``[low, high, points]``; default the settings') minimising the validation
+        NLL of the GLM predictive."""
+        low, high, points = grid or self.s.prior_grid
+        points = int(points)
         grid = torch.logspace(math.log10(low), math.log10(high), points, dtype=torch.float64)
         base = torch.ones(len(self.factors), dtype=torch.float64)
         if self.s.prior_per_layer:

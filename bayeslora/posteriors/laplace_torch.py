@@ -168,21 +168,30 @@ class LaplaceTorch:
         self._build(fn, groups)
         with self._trainable(), model_mode(fn.model, False):
             self.la.fit(loader)
-            structure = "layerwise" if cfg.prior_per_layer else "scalar"
-            with _quiet():
-                if cfg.prior_fit == "marglik":
-                    self.la.optimize_prior_precision(
-                        pred_type="glm", method="marglik", prior_structure=structure,
-                        init_prior_prec=cfg.prior_precision,
-                    )  # fmt: skip
-                elif cfg.prior_fit == "val_nll":
-                    low, high, points = cfg.prior_grid
-                    self.la.optimize_prior_precision(
-                        pred_type="glm", method="gridsearch", val_loader=val_loader, link_approx=self._link,
-                        log_prior_prec_min=math.log10(low), log_prior_prec_max=math.log10(high), grid_size=points,
-                        n_samples=cfg.samples() if self._link == "mc" else 100,
-                    )  # fmt: skip
         self.values = {n: p.detach().clone() for n, p in fn.params.tensors().items()}
+        self.optimize_prior(fn, groups, cfg.prior_fit, val_loader, cfg.prior_grid)
+
+    def optimize_prior(self, fn: AdapterFn, groups, method: str, val_loader=None, grid=None) -> torch.Tensor:
+        """laplace-torch's ``optimize_prior_precision``: ``"marglik"`` (Adam on log λ) or ``"val_nll"`` (grid
+        search on the validation NLL); ``"none"`` resets λ to ``prior_precision``."""
+        cfg = self.cfg
+        self._ready(fn, groups)
+        structure = "layerwise" if cfg.prior_per_layer else "scalar"
+        with self._trainable(), model_mode(fn.model, False), _quiet():
+            if method == "none":
+                self.la.prior_precision = cfg.prior_precision
+            elif method == "marglik":
+                self.la.optimize_prior_precision(
+                    pred_type="glm", method="marglik", prior_structure=structure, init_prior_prec=cfg.prior_precision,
+                )  # fmt: skip
+            else:
+                low, high, points = grid or cfg.prior_grid
+                self.la.optimize_prior_precision(
+                    pred_type="glm", method="gridsearch", val_loader=val_loader, link_approx=self._link,
+                    log_prior_prec_min=math.log10(low), log_prior_prec_max=math.log10(high), grid_size=int(points),
+                    n_samples=cfg.samples() if self._link == "mc" else 100,
+                )  # fmt: skip
+        return self.prior
 
     def glm_moments(
         self, fn: AdapterFn, groups: Sequence[ParamGroup], batch: Mapping[str, torch.Tensor]
