@@ -155,6 +155,14 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     (:mod:`bayeslora.results`); a different identity is an error naming the differing keys. ``force=true``
     recomputes. Temporary files an interrupted attempt left in the run directory are removed first.
     """
+    if isinstance(cfg, DictConfig):
+        missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra"))
+        if missing:
+            more = f" (and {missing[1:]})" if len(missing) > 1 else ""
+            raise ValueError(
+                f"{missing[0]}: a mandatory value is missing{more}; set it on the command line, e.g. {missing[0]}=... "
+                "(the config file's comment shows a full command)."
+            )
     cfg = _plain(cfg)
     check_run_config(cfg)
     run_dir = Path(cfg["run_dir"])

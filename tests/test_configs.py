@@ -88,12 +88,16 @@ OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((config_dir() / g).glob("
 
 
 @pytest.mark.parametrize(("group", "option"), OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
-def test_every_option_of_every_group_composes_checks_and_instantiates(group, option, shared_data, minilm_tokenizer):
+def test_every_option_of_every_group_composes_checks_and_instantiates(
+    group, option, shared_data, minilm_tokenizer, tmp_path
+):
     from bayeslora.models import LoraSpec
 
     overrides = [f"{group}={option}", "data.max_train=8", "data.max_eval=8"]
     if group != "data" or option != "sst2_demo":
         overrides.append(f"data.root={shared_data}")
+    if group == "data" and option in ("jsonl", "csv"):  # a user's own files
+        overrides += _user_files(option, shared_data, tmp_path)
     plain = OmegaConf.to_container(compose(overrides), resolve=True)
     check_run_config(plain)
     assert isinstance(_instantiate(plain["lora"], seed=0), LoraSpec)
@@ -108,3 +112,39 @@ def minilm_tokenizer():
     from bayeslora.models import load_tokenizer, locate
 
     return load_tokenizer(locate("minilm"), "seq_cls")
+
+
+def _user_files(kind: str, shared_data, tmp_path) -> list[str]:
+    """The documented command line of configs/data/<kind>.yaml, on SST-2 rows written as the user's files."""
+    import csv
+    import json
+
+    rows = [json.loads(line) for line in (shared_data / "sst2" / "train.jsonl").read_text().splitlines()[:40]]
+    for split, part in (("train", rows[:30]), ("test", rows[30:])):
+        path = tmp_path / f"{split}.{kind}"
+        if kind == "jsonl":
+            path.write_text("".join(json.dumps({"text": r["sentence"], "label": r["label"]}) + "\n" for r in part))
+        else:
+            with path.open("w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(["text", "label"])
+                w.writerows([r["sentence"], ["negative", "positive"][r["label"]]] for r in part)
+    return [f"data.options.paths.train={tmp_path}/train.{kind}", f"data.options.paths.test={tmp_path}/test.{kind}",
+            "data.options.label_names=[negative,positive]"]  # fmt: skip
+
+
+def test_a_users_jsonl_through_the_app(shared_data, tmp_path):
+    from bayeslora.run import run
+
+    overrides = [
+        "experiment=smoke",
+        "data=jsonl",
+        f"results_dir={tmp_path}/r",
+        *_user_files("jsonl", shared_data, tmp_path),
+    ]
+    result = run(compose(overrides))
+    assert (
+        result["data"] == "jsonl" and result["num_test"] == 10 and result["num_train"] + result["num_validation"] == 30
+    )
+    with pytest.raises(Exception, match="data.options.paths.train"):  # a missing mandatory key names itself
+        run(compose(["experiment=smoke", "data=jsonl", f"results_dir={tmp_path}/r"]))

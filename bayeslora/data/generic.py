@@ -69,6 +69,7 @@ def parse_options(task: str, options: Mapping[str, Any]) -> GenericOptions:
 def _paths(paths: Any) -> dict[str, Path]:
     if not isinstance(paths, Mapping):
         raise TypeError(f"paths: expected a mapping {{split: file}}, got {type(paths).__name__}; {_EXAMPLE}.")
+    paths = {role: value for role, value in paths.items() if value is not None}  # None: the split is absent
     unknown = sorted(set(paths) - set(ROLES))
     if unknown:
         raise ValueError(f"paths: expected keys among {list(ROLES)}, got unknown {unknown}; rename them.")
