@@ -5,15 +5,44 @@ Public API::
     from bayeslora import BayesianLoRA, AnswerTokenLogits, SequenceClassificationLogits
 """
 
-from .function import AdapterFn
-from .metrics import Predictions, accuracy, aurc, brier, classification_metrics, ece, evaluate, nll, ood_auroc
-from .models import LoraSpec, add_lora, load_model
-from .params import AdapterParams
-from .posteriors import METHODS, Posterior, make_posterior
-from .predictive import Predictive
-from .readout import AnswerTokenLogits, Readout, SequenceClassificationLogits
-from .train import TrainConfig, TrainResult, train_map
-from .wrapper import BayesianLoRA
+import importlib
+from typing import Any
+
+# Names load on first use (PEP 562), so the command-line help and light imports do not pay for torch.
+_WHERE = {
+    "AdapterFn": "function",
+    "Predictions": "metrics",
+    "accuracy": "metrics",
+    "aurc": "metrics",
+    "brier": "metrics",
+    "classification_metrics": "metrics",
+    "ece": "metrics",
+    "evaluate": "metrics",
+    "nll": "metrics",
+    "ood_auroc": "metrics",
+    "LoraSpec": "models",
+    "add_lora": "models",
+    "load_model": "models",
+    "AdapterParams": "params",
+    "METHODS": "posteriors",
+    "Posterior": "posteriors",
+    "make_posterior": "posteriors",
+    "Predictive": "predictive",
+    "AnswerTokenLogits": "readout",
+    "Readout": "readout",
+    "SequenceClassificationLogits": "readout",
+    "TrainConfig": "train",
+    "TrainResult": "train",
+    "train_map": "train",
+    "BayesianLoRA": "wrapper",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __version__ = "0.1.0"
 

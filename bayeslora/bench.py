@@ -25,12 +25,7 @@ import json
 import sys
 from typing import Any
 
-import torch
-
-from .benchmarks import suites
-from .benchmarks.common import Setup, attach_lora, build_base, environment, ratio, target
-from .io import save_json
-from .models import resolve_device, resolve_dtype
+# the heavy modules (torch, the suites) are imported inside the functions, so `--help` is instant
 
 SCHEMA = "bayeslora.bench/1"
 SUITES = ("train", "laplace", "vi", "ensemble")
@@ -96,6 +91,8 @@ def parser() -> argparse.ArgumentParser:
 
 def summarize(results: dict[str, Any], opts) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Ratios between timings and the issue's targets (value, bound, met)."""
+    from .benchmarks.common import ratio, target
+
     base = results.get("baseline", {})
     fwd, step = base.get("forward"), base.get("train_map_step")
     lap = results.get("laplace", {})
@@ -138,6 +135,10 @@ def summarize(results: dict[str, Any], opts) -> tuple[dict[str, Any], list[dict[
 
 def run(opts: argparse.Namespace) -> dict[str, Any]:
     """Build the model and run the requested suite(s); returns the report dict."""
+    from .benchmarks import suites
+    from .benchmarks.common import Setup, attach_lora, build_base, environment
+    from .models import resolve_device, resolve_dtype
+
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device)
     base = build_base(opts.size, device, dtype, seed=opts.seed)
@@ -172,6 +173,10 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """CLI entry point; returns the report (also written to ``--out`` and printed unless ``--quiet``)."""
     opts = parser().parse_args(argv)
+    import torch
+
+    from .io import save_json
+
     if opts.warmup < 0:
         raise ValueError(f"--warmup: expected an integer >= 0, got {opts.warmup}.")
     if opts.plot and opts.command != "scaling":

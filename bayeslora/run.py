@@ -33,6 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from .adapter_state import list_checkpoints, load_trained, trained_values
 from .calibration import fit_temperature, temperature_scaled
+from .cli import config_dir
 from .config_check import check_run_config
 from .data import make_loader
 from .hydra_store import register as register_method_defaults
@@ -48,15 +49,6 @@ from .wrapper import BayesianLoRA
 
 METRIC_KEYS = ("acc", "ece", "nll", "brier")
 register_method_defaults()  # the method configs' defaults (Hydra ConfigStore), for any way of composing configs/
-
-
-def config_dir() -> Path:
-    """The Hydra config directory: the repository's ``configs/`` or the copy installed with the package."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here.parent / "configs", here / "conf"):
-        if (candidate / "config.yaml").is_file():
-            return candidate
-    raise FileNotFoundError(f"config.yaml not found next to {here}; reinstall bayeslora (its configs/ are missing).")
 
 
 def compose(overrides: list[str] | None = None) -> DictConfig:

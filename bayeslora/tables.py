@@ -21,7 +21,6 @@ Console script: ``bayeslora-tables RESULTS_DIR [--out DIR] [--split test] [--ts]
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import math
@@ -368,23 +367,12 @@ def _chosen(
     return chosen
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Console script ``bayeslora-tables``."""
-    ap = argparse.ArgumentParser(prog="bayeslora-tables", description=__doc__.splitlines()[0])
-    ap.add_argument("results_dir")
-    ap.add_argument("--out", default=None, help="directory for <name>.md/.tex/.csv (default: print only)")
-    ap.add_argument("--name", default="table")
-    ap.add_argument("--split", default="test")
-    ap.add_argument("--metrics", nargs="+", default=None, help="metric blocks (default: the layout's)")
-    ap.add_argument("--layout", choices=list(LAYOUTS), default="datasets", help="columns: datasets or OOD sets")
-    ap.add_argument("--ts", action="store_true", help="add a '<method> + TS' row (temperature fit on validation)")
-    ap.add_argument("--ece-bins", type=int, default=None, help="recompute ECE from predictions.pt with N bins")
-    ap.add_argument("--model", default=None, help="only runs of this model")
-    ap.add_argument("--data", default=None, help="only runs trained on this dataset")
-    ap.add_argument("--rows", nargs="+", default=None, help="only these method labels (+ TS rows too), in order")
-    ap.add_argument("--columns", nargs="+", default=None, help="only these columns (datasets / OOD sets), in order")
-    ap.add_argument("--figures", action="store_true", help="also write reliability / risk-coverage figures to --out")
-    args = ap.parse_args(argv)
+def main(argv: Sequence[str] | None = None, *, args=None) -> None:
+    """Console script ``bayeslora-tables`` (the parser: :func:`bayeslora.cli.tables_parser`)."""
+    from .cli import tables_parser
+
+    ap = tables_parser()
+    args = args if args is not None else ap.parse_args(argv)
     if args.figures and args.out is None:
         ap.error("--figures needs --out DIR (the directory the figures are written to)")
     texts = make_tables(

@@ -107,13 +107,6 @@ def test_every_option_of_every_group_composes_checks_and_instantiates(
         assert task.name == plain["data"]["task"] and len(task.train) >= 1 and len(task.test) >= 1
 
 
-@pytest.fixture(scope="module")
-def minilm_tokenizer():
-    from bayeslora.models import load_tokenizer, locate
-
-    return load_tokenizer(locate("minilm"), "seq_cls")
-
-
 def _user_files(kind: str, shared_data, tmp_path) -> list[str]:
     """The documented command line of configs/data/<kind>.yaml, on SST-2 rows written as the user's files."""
     import csv

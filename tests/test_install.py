@@ -44,3 +44,31 @@ def test_a_non_editable_install_runs_the_smoke_experiment_from_any_directory(tmp
     done = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:]
     assert list((work / "out").rglob("metrics.json")) and "| map " in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("code", "expect"),
+    [
+        ("from bayeslora.cli import run_main; sys.argv = ['bayeslora-run', '--help']; run_main()", "kfac_laplace"),
+        ("from bayeslora.cli import tables_main; tables_main(['--help'])", "--ece-bins"),
+        ("from bayeslora.bench import main; main(['--help'])", "--compare"),
+    ],
+    ids=["bayeslora-run", "bayeslora-tables", "bench"],
+)
+def test_command_line_help_needs_no_torch(code, expect):
+    """The help of every command answers before torch is imported (it took 8-9 s when it imported torch)."""
+    probe = f"import sys\ntry:\n    {code}\nexcept SystemExit:\n    pass\nprint('TORCH' if 'torch' in sys.modules else 'NO-TORCH')"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert expect in out.stdout and out.stdout.strip().endswith("NO-TORCH"), out.stdout[-2000:]
+
+
+def test_the_run_help_lists_the_real_options():
+    from bayeslora.cli import METRIC_NAMES, run_help
+    from bayeslora.posteriors import METHODS
+    from bayeslora.tables import METRICS
+
+    text = run_help()
+    assert text.startswith("bayeslora-run:") and "powered by Hydra" not in text
+    assert all(m in text for m in METHODS) and "openbookqa" in text and "debug=default" in text
+    assert set(METRIC_NAMES) == set(METRICS)
