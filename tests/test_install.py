@@ -57,7 +57,8 @@ def test_a_non_editable_install_runs_the_smoke_experiment_from_any_directory(tmp
 )
 def test_command_line_help_needs_no_torch(code, expect):
     """The help of every command answers before torch is imported (it took 8-9 s when it imported torch)."""
-    probe = f"import sys\ntry:\n    {code}\nexcept SystemExit:\n    pass\nprint('TORCH' if 'torch' in sys.modules else 'NO-TORCH')"
+    verdict = "print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')"
+    probe = f"import sys\ntry:\n    {code}\nexcept SystemExit:\n    pass\n{verdict}"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert out.returncode == 0, out.stderr[-2000:]
     assert expect in out.stdout and out.stdout.strip().endswith("NO-TORCH"), out.stdout[-2000:]
