@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
@@ -88,9 +89,53 @@ def _drop(tree: Mapping[str, Any], keys: Iterable[str], prefix: str = "") -> dic
     return out
 
 
+_REFERENCE = re.compile(r"^\$\{[A-Za-z_][\w.]*\}$")  # ${seed}, ${train.lr}: a value wired to another key
+
+
+def _identity_tree(node: DictConfig, prefix: str = "") -> dict[str, Any]:
+    """The identity keys of a config node: runtime keys and keys wired to another key (derived) left out."""
+    out: dict[str, Any] = {}
+    for key in node:
+        path = f"{prefix}{key}"
+        if path in RUNTIME_KEYS:
+            continue
+        raw = node._get_node(key)
+        if OmegaConf.is_interpolation(node, key) and _REFERENCE.match(str(raw._value())):
+            continue  # e.g. method.seed: ${seed} — determined by keys already in the identity
+        value = node[key]
+        out[key] = _identity_tree(value, f"{path}.") if isinstance(value, DictConfig) else _plain(value)
+    return out
+
+
+def effective_dtype(dtype: Any, device: Any) -> str:
+    """The dtype a run computes in: ``auto`` is bf16 on a GPU and fp32 on the CPU (a device is runtime-only, but
+    the precision it implies changes the result)."""
+    names = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+    if str(dtype) != "auto":
+        return names.get(str(dtype), str(dtype))
+    device = str(device)
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return "bfloat16" if device.startswith("cuda") else "float32"
+
+
 def run_identity(cfg: Mapping[str, Any] | DictConfig) -> dict[str, Any]:
-    """The result-changing part of a run config (a JSON-able nested dict)."""
-    return json.loads(json.dumps(_drop(_plain(cfg), RUNTIME_KEYS), sort_keys=True, default=str))
+    """The result-changing part of a run config (a JSON-able nested dict).
+
+    From a composed config, keys wired to another key (``method.seed: ${seed}``) are left out (they are
+    determined by it), so the seeds of one setting share its setting id; ``dtype`` is the effective one.
+    """
+    if isinstance(cfg, DictConfig):
+        tree = _identity_tree(cfg)
+        device = cfg.get("device", "auto")
+    else:
+        tree = _drop(_plain(cfg), RUNTIME_KEYS)
+        device = cfg.get("device", "auto")
+    if "dtype" in tree:
+        tree["dtype"] = effective_dtype(tree["dtype"], device)
+    return json.loads(json.dumps(tree, sort_keys=True, default=str))
 
 
 def digest(tree: Mapping[str, Any], length: int = 12) -> str:
@@ -107,9 +152,15 @@ def run_id(identity: Mapping[str, Any]) -> str:
     return digest(identity, 16)
 
 
-def map_identity(cfg: Mapping[str, Any] | DictConfig) -> dict[str, Any]:
-    """The part of the identity that determines the MAP adapter (everything but ``method`` and ``eval``)."""
-    return _drop(run_identity(cfg), POST_MAP_KEYS)
+def map_identity(cfg_or_identity: Mapping[str, Any] | DictConfig) -> dict[str, Any]:
+    """The part of the identity that determines the MAP adapter (everything but ``method`` and ``eval``), from a
+    config or from a run identity (:func:`run_identity`)."""
+    identity = cfg_or_identity if _is_identity(cfg_or_identity) else run_identity(cfg_or_identity)
+    return _drop(identity, POST_MAP_KEYS)
+
+
+def _is_identity(tree: Any) -> bool:
+    return isinstance(tree, Mapping) and not isinstance(tree, DictConfig) and not (set(tree) & RUNTIME_KEYS)
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -153,8 +204,7 @@ def identity_mismatch(where: str, stored: Mapping[str, Any] | None, requested: M
 
 def _setting_resolver(*, _root_: DictConfig) -> str:
     """``${bayeslora_setting:}``: the setting id of the config being resolved (its run keys left out)."""
-    top = [k for k in _root_ if k not in RUNTIME_KEYS]
-    return setting_id(run_identity(OmegaConf.masked_copy(_root_, top)))
+    return setting_id(run_identity(_root_))
 
 
 def register_resolver() -> None:
@@ -331,10 +381,10 @@ def label_runs(runs: list[RunRecord]) -> list[RunRecord]:
     Runs sharing a method label and a column but made with different settings (e.g. a prior-precision sweep)
     get one row each instead of being averaged as if they were seeds.
     """
-    by_label: dict[str, list[RunRecord]] = defaultdict(list)
-    for run in runs:
-        by_label[run.method_label].append(run)
-    for label, group in by_label.items():
+    by_label: dict[tuple[str, str], list[RunRecord]] = defaultdict(list)
+    for run in runs:  # a table holds one model: settings are told apart within a model
+        by_label[(run.model, run.method_label)].append(run)
+    for (_, label), group in by_label.items():
         keys = distinguishing_keys({"identity": r.identity, "data": r.data} for r in group)
         for run in group:
             if not keys:

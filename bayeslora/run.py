@@ -73,9 +73,9 @@ def _plain(cfg: Any) -> Any:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
 
 
-def _map_key(cfg: Mapping[str, Any]) -> str:
+def _map_key(cfg: Mapping[str, Any] | DictConfig, identity: Mapping[str, Any] | None = None) -> str:
     """The MAP cache key: a hash of every setting that changes the MAP adapter (:func:`results.map_identity`)."""
-    return digest(map_identity(cfg), 16)
+    return digest(map_identity(cfg) if identity is None else map_identity(identity), 16)
 
 
 def _train_config(cfg: Mapping[str, Any], checkpoint_dir: Path, steps_per_epoch: int) -> TrainConfig:
@@ -88,7 +88,9 @@ def _train_config(cfg: Mapping[str, Any], checkpoint_dir: Path, steps_per_epoch:
     return TrainConfig(**t, seed=int(cfg["seed"]), prior_precision=float(cfg["prior_precision"]))
 
 
-def _fit_or_load_map(bl: BayesianLoRA, cfg: Mapping[str, Any], loader, run_dir: Path) -> tuple[dict, Path]:
+def _fit_or_load_map(
+    bl: BayesianLoRA, cfg: Mapping[str, Any], loader, run_dir: Path, identity: Mapping[str, Any]
+) -> tuple[dict, Path]:
     """Train the MAP adapter, or load it from the cache shared by the runs of a sweep.
 
     Returns the training summary and the directory of the MAP training checkpoints. The cache entry is
@@ -96,7 +98,7 @@ def _fit_or_load_map(bl: BayesianLoRA, cfg: Mapping[str, Any], loader, run_dir: 
     """
     if not cfg.get("map_cache"):
         return _fit_map(bl, cfg, loader, run_dir / "checkpoints", None)
-    cache = Path(cfg["map_cache"]) / _map_key(cfg)
+    cache = Path(cfg["map_cache"]) / _map_key(cfg, identity)
     with file_lock(cache / ".lock"):  # only the lock holder writes here: temporaries found now are stale
         remove_stale_temporaries(cache, cache / "checkpoints")
         return _fit_map(bl, cfg, loader, cache / "checkpoints", cache)
@@ -155,11 +157,11 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
                 f"{missing[0]}: a mandatory value is missing{more}; set it on the command line, e.g. {missing[0]}=... "
                 "(the config file's comment shows a full command)."
             )
+    identity = run_identity(cfg)  # from the composed config: keys wired to another key are left out
     cfg = _plain(cfg)
     check_run_config(cfg)
     run_dir = Path(cfg["run_dir"])
     metrics_path = run_dir / "metrics.json"
-    identity = run_identity(cfg)
     with file_lock(run_dir / ".run.lock"):
         if metrics_path.is_file() and not cfg.get("force", False):
             stored = RunRecord.read(metrics_path)
@@ -194,7 +196,7 @@ def _execute(cfg: dict[str, Any], run_dir: Path, metrics_path: Path, identity: d
     map_info: dict[str, Any] = {}
     needs, checkpoints = bl.posterior.needs, None
     if needs.map_adapter:
-        map_info, ckpt_dir = _fit_or_load_map(bl, cfg, train_loader, run_dir)
+        map_info, ckpt_dir = _fit_or_load_map(bl, cfg, train_loader, run_dir, identity)
         if needs.checkpoints:
             checkpoints = [str(p) for p in list_checkpoints(ckpt_dir)]
     timings["map_train_s"] = time.perf_counter() - t

@@ -76,7 +76,7 @@ def run_metrics(run: RunRecord, split: str, ece_bins: int | None, ood: bool = Fa
     """The metrics of one split (``ood``: one shifted set) of a run, recomputed from ``predictions.pt`` when
     ``ece_bins`` is given (the OOD AUROCs do not depend on the bins and are kept)."""
     stored = run.metrics(split, ood=ood)
-    if stored is None or ece_bins is None or ece_bins == ECE_BINS:
+    if stored is None or ece_bins is None or ece_bins == ECE_BINS or "acc" not in stored:  # unlabelled: no ECE
         return stored
     preds = run.predictions()
     key = f"{OOD_PREFIX}{split}" if ood else split

@@ -14,12 +14,12 @@ bf16 autocast on CUDA (via the AdapterFn), max steps or epochs, seeded (dropout 
 order; the caller's global RNG is left untouched), a tqdm bar with the loss, periodic adapter
 checkpoints (for checkpoint ensembles), and a clear error on a non-finite or diverging loss.
 
-Divergence rule (``divergence_factor``, default 10): training stops with :class:`TrainingDiverged` at the first
-optimizer step whose loss exceeds ``divergence_factor`` times the first step's loss plus ``divergence_factor``
-nats (for a C-class cross-entropy that starts near log C, a loss above ~17 at C=2: every example confidently
-wrong). A finite but exploding loss (``lr=1e6``: 2.3e6) is thus never written up as a finished MAP. Under
-``torch.distributed`` (``torchrun``) the gradients and the loss of every optimizer step are averaged
-over the ranks, so a loader sharded with :func:`bayeslora.distributed.shard` trains like one process
+Divergence rule (``divergence_factor`` k, default 10): training stops with :class:`TrainingDiverged` at the first
+optimizer step whose loss exceeds the first step's by more than ``k · max(|first|, 1)`` nats (for a C-class
+cross-entropy that starts near log C, a loss above ~10.7 at C=2: examples confidently wrong; the rule holds for a
+Gaussian NLL, which can be negative, too). A finite but exploding loss (``lr=1e6``: 2.3e6) is thus never written
+up as a finished MAP. Under ``torch.distributed`` (``torchrun``) the gradients and the loss of every optimizer
+step are averaged over the ranks, so a loader sharded with :func:`bayeslora.distributed.shard` trains like one process
 with a ``world_size``-times larger batch.
 """
 
@@ -271,9 +271,9 @@ def _check_divergence(losses: list[float], config: TrainConfig) -> None:
     if k is None or len(losses) < 2:
         return
     first, now = losses[0], losses[-1]
-    if now > k * first + k:
+    if now - first > k * max(abs(first), 1.0):
         raise TrainingDiverged(
-            f"loss: training diverged at optimizer step {len(losses)}: loss {now:.4g} > {k:g} x the first step's "
-            f"loss {first:.4g} + {k:g}; lower lr (now {config.lr:g}), keep clip set (now {config.clip}), or raise "
-            "warmup_ratio. Nothing was saved as the MAP."
+            f"loss: training diverged at optimizer step {len(losses)}: loss {now:.4g} exceeds the first step's "
+            f"{first:.4g} by more than {k:g} x max(|first|, 1); lower lr (now {config.lr:g}), keep clip set (now "
+            f"{config.clip}), or raise warmup_ratio. Nothing was saved as the MAP."
         )

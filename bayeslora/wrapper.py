@@ -323,11 +323,11 @@ class BayesianLoRA:
 
     def _fitted_prior(self) -> list[float] | None:
         """The posterior's fitted λ per layer (None for methods without one)."""
-        if not isinstance(self.posterior, TunablePrior):
-            return None
         try:
+            if not isinstance(self.posterior, TunablePrior):
+                return None
             return [float(x) for x in self.posterior.prior.reshape(-1)]
-        except (RuntimeError, ValueError):  # not fitted, or a laplace-torch state not rebuilt yet
+        except (RuntimeError, ValueError, AttributeError):  # not fitted, or a laplace-torch state not rebuilt yet
             return None
 
     def _check_stored_values(self, state_file: Path, values: Any) -> None:

@@ -144,6 +144,7 @@ def test_unlabelled_text_files_give_detection_metrics(tmp_path, shared_data):
         assert result["ood_info"]["sets"][name]["labelled"] is False
     assert result["ood"]["txt"]["auroc_entropy"] == pytest.approx(result["ood"]["js"]["auroc_entropy"])
     md = make_tables(tmp_path / "r", layout="ood")["md"]
+    assert make_tables(tmp_path / "r", layout="ood", ece_bins=10)["md"]  # recomputed ECE skips unlabelled sets
     assert "| kfac_laplace | – | " in md.split("**ACC (%) ↑**")[1] and "mutual information" in md
 
 

@@ -232,3 +232,42 @@ def test_the_debug_group_runs_any_config_in_seconds(tmp_path):
     result = run(compose(["debug=default", "model=tiny_bert", "method=vi_blob", f"results_dir={tmp_path}"]))
     assert result["map"]["steps"] == 2 and result["num_train"] == 16 and result["num_test"] == 16
     assert "reliability_diagram" not in result and result["run_dir"].startswith(str(tmp_path))
+
+
+def test_keys_wired_to_the_seed_do_not_split_a_setting():
+    """vi_blob wires method.seed to ${seed}: its seeds share one setting (one table row with mean ± std)."""
+    from bayeslora.results import RunRecord, label_runs, run_identity, setting_id
+
+    cfgs = [compose([*SMOKE, "method=vi_blob", f"seed={s}"]) for s in (0, 1)]
+    ids = [run_identity(c) for c in cfgs]
+    assert "seed" not in ids[0]["method"] and setting_id(ids[0]) == setting_id(ids[1])
+    assert Path(cfgs[0].run_dir).parent == Path(cfgs[1].run_dir).parent
+    records = [RunRecord(task="sst2", data="d", model="m", method="vi_blob", method_label="vi_blob", seed=s, identity=i)
+               for s, i in enumerate(ids)]  # fmt: skip
+    assert [r.label for r in label_runs(records)] == ["vi_blob", "vi_blob"]
+    other = RunRecord(task="sst2", data="d", model="m2", method="vi_blob", method_label="vi_blob", seed=0,
+                      identity={**ids[0], "model": {"name": "m2"}})  # fmt: skip
+    assert {r.label for r in label_runs([*records, other])} == {"vi_blob"}  # settings differ only across models
+
+
+def test_the_identity_holds_the_effective_dtype_and_resolves_references_to_runtime_keys():
+    from bayeslora.results import effective_dtype, run_identity
+
+    assert effective_dtype("auto", "cuda:0") == "bfloat16" and effective_dtype("auto", "cpu") == "float32"
+    assert effective_dtype("bf16", "cpu") == "bfloat16"
+    cpu_auto = run_identity(compose([*SMOKE, "device=cpu"]))
+    assert cpu_auto["dtype"] == "float32" and cpu_auto == run_identity(compose([*SMOKE, "dtype=float32", "device=cpu"]))
+    assert run_identity(compose([*SMOKE, "dtype=bfloat16"]))["dtype"] == "bfloat16"
+    cfg = compose([*SMOKE, "method=checkpoint_ensemble", "method.checkpoint_dir=${results_dir}/ckpts"])
+    assert cfg.run_dir.startswith("results/smoke/")  # the setting resolver resolves a reference to a runtime key
+
+
+def test_the_divergence_rule_allows_negative_losses():
+    from bayeslora.train import TrainConfig, TrainingDiverged, _check_divergence
+
+    _check_divergence([-1.3, -1.2, -0.5], TrainConfig())  # a Gaussian NLL below 0 that moves a little
+    _check_divergence([0.69, 5.0], TrainConfig())
+    with pytest.raises(TrainingDiverged, match="diverged at optimizer step 2"):
+        _check_divergence([0.69, 12.0], TrainConfig())
+    with pytest.raises(TrainingDiverged):
+        _check_divergence([-1.3, 20.0], TrainConfig())  # 21.3 nats up: more than 10 x 1.3

@@ -160,6 +160,10 @@ def test_the_prior_precision_is_a_verb():
     with pytest.raises(ValueError, match="has no prior precision to fit"):
         BayesianLoRA(fn.model, fn.readout, "map").optimize_prior_precision()
     assert BayesianLoRA(fn.model, fn.readout, "kfac_laplace").posterior.prior_fit == "marglik"  # no λ: the default
+    from bayeslora.posteriors import TunablePrior, make_posterior
+
+    assert isinstance(make_posterior("kfac_laplace"), TunablePrior)  # unfitted: isinstance evaluates no property
+    assert not isinstance(make_posterior("map"), TunablePrior)
 
 
 def test_the_fitted_prior_is_saved(tmp_path):

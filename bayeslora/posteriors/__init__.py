@@ -48,9 +48,8 @@ class Needs:
 
 @runtime_checkable
 class TunablePrior(Protocol):
-    """A posterior whose prior precision can be fit after ``fit`` (the Laplace methods)."""
-
-    prior: torch.Tensor
+    """A posterior whose prior precision can be fit after ``fit`` (the Laplace methods; its ``prior`` property
+    gives the fitted λ). Methods only: ``isinstance`` never evaluates a property."""
 
     def optimize_prior_precision(
         self, fn: AdapterFn, method: str = "marglik", *, val_loader=None, grid: Sequence[float] | None = None

@@ -74,6 +74,17 @@ def _quiet() -> Iterator[None]:
         yield
 
 
+def _to_device(state: Any, device: torch.device) -> Any:
+    """Every tensor of a (nested) state on ``device``."""
+    if torch.is_tensor(state):
+        return state.to(device)
+    if isinstance(state, Mapping):
+        return {k: _to_device(v, device) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_to_device(v, device) for v in state)
+    return state
+
+
 class PaddedBatchWarning(UserWarning):
     """laplace-torch's K-FAC factors include the pad positions of a padded batch (module docstring)."""
 
@@ -132,8 +143,8 @@ class LaplaceTorch:
                 hessian_structure="diag" if cfg.structure == "diag" else "kron",
                 prior_precision=cfg.prior_precision, dict_key_x="input_ids", dict_key_y="labels", **kwargs,
             )  # fmt: skip
-            if self._state is not None:
-                self.la.load_state_dict(self._state["la"])
+            if self._state is not None:  # saved on the CPU: onto the model's device first
+                self.la.load_state_dict(_to_device(self._state["la"], fn.device))
                 self.values = dict(self._state["values"])
 
     def _trainable(self):
