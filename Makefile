@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/bayeslora-run
+	$(BIN)/python -m bayeslora.demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
