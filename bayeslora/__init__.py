@@ -6,7 +6,11 @@ Public API::
 """
 
 import importlib
+import warnings
 from typing import Any
+
+# peft calls a transformers API deprecated in v5 (nothing a user can act on): silenced for every use of bayeslora
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 # Names load on first use (PEP 562), so the command-line help and light imports do not pay for torch.
 _WHERE = {

@@ -20,6 +20,7 @@ import torch
 from torchmetrics.functional.classification import binary_auroc, multiclass_calibration_error
 
 from .predictive import Predictive
+from .progress import bar as progress_bar
 
 ECE_BINS = 15
 
@@ -169,7 +170,7 @@ def predict_loader(posterior, fn, loader, *, n_samples: int | None = None, seed:
     """
     generator = torch.Generator(device=fn.device).manual_seed(seed)
     parts = []
-    for batch in loader:
+    for batch in progress_bar(loader, desc=f"predict ({getattr(posterior, 'name', 'posterior')})"):
         pred = posterior.predict(fn, batch, n_samples=n_samples, generator=generator)
         parts.append(Predictions.from_predictive(pred, batch["labels"]))
     return Predictions.cat(parts)

@@ -35,6 +35,7 @@ import torch
 from .calibration import temperature_scaled
 from .data import build_task, make_loader
 from .metrics import ECE_BINS, Predictions, ood_auroc
+from .progress import bar as progress_bar
 
 ENTRY_KEYS = ("task", "root", "max_length", "max_eval", "options", "path", "text_field")
 
@@ -202,7 +203,7 @@ def predict_ood(
         ``({name: Predictions}, {name: provenance})``.
     """
     preds = {}
-    for name, (dataset, _) in prepared.items():
+    for name, (dataset, _) in progress_bar(prepared.items(), desc="OOD sets", total=len(prepared)):
         preds[name] = bl.predictions(make_loader(dataset, tokenizer, batch_size=batch_size), n_samples, seed)
     return preds, {name: info for name, (_, info) in prepared.items()}
 

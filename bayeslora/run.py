@@ -21,6 +21,8 @@ Parallel sweeps (joblib launcher): with ``device=auto`` and several GPUs each ru
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import shutil
 import time
@@ -31,6 +33,7 @@ from typing import Any
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from . import distributed
 from .adapter_state import list_checkpoints, load_trained, trained_values
 from .calibration import fit_temperature, temperature_scaled
 from .cli import config_dir
@@ -48,6 +51,7 @@ from .train import TrainConfig, TrainResult
 from .wrapper import BayesianLoRA
 
 METRIC_KEYS = ("acc", "ece", "nll", "brier")
+logger = logging.getLogger(__name__)
 register_method_defaults()  # the method configs' defaults (Hydra ConfigStore), for any way of composing configs/
 
 
@@ -169,6 +173,7 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
             if problem:
                 raise ValueError(problem)
             why = f"complete run with the same identity (run_id {stored.run_id}) found"
+            logger.info("skipped %s: %s", run_dir, why)
             return {**stored.to_dict(), "skipped": why}
         remove_stale_temporaries(run_dir, run_dir / "checkpoints")
         with run_device(cfg["device"], int(cfg.get("gpu_slots") or 1)) as device:
@@ -180,6 +185,8 @@ def _execute(cfg: dict[str, Any], run_dir: Path, metrics_path: Path, identity: d
     predictions -> the record, written last."""
     t0 = time.perf_counter()
     seed = int(cfg["seed"])
+    logger.info("run %s (setting %s, run %s)", run_dir, setting_id(identity), run_id(identity))
+    logger.info("config: %s", json.dumps(identity, sort_keys=True, default=str))
     tokenizer = load_tokenizer(locate(cfg["model"]["name"]), cfg["model"]["format"])
     task = _build_task(cfg, tokenizer)
     ood_sets = _prepare_ood(cfg, tokenizer, task)
@@ -191,6 +198,9 @@ def _execute(cfg: dict[str, Any], run_dir: Path, metrics_path: Path, identity: d
         "test": make_loader(task.test, tokenizer, batch_size=eval_bs),
     }
     timings: dict[str, float] = {"setup_s": time.perf_counter() - t0}
+    sizes = (len(task.train), len(task.validation), len(task.test))
+    logger.info("data: %s train / %s validation / %s test rows of %s (%s classes); setup %.1f s", *sizes,
+                cfg["data"]["task"], task.num_classes, timings["setup_s"])  # fmt: skip
 
     t = time.perf_counter()
     map_info: dict[str, Any] = {}
@@ -200,10 +210,17 @@ def _execute(cfg: dict[str, Any], run_dir: Path, metrics_path: Path, identity: d
         if needs.checkpoints:
             checkpoints = [str(p) for p in list_checkpoints(ckpt_dir)]
     timings["map_train_s"] = time.perf_counter() - t
+    if needs.map_adapter:
+        how = "loaded from the MAP cache" if map_info.get("cached") else f"trained ({map_info.get('steps')} steps)"
+        logger.info("MAP adapter %s in %.1f s", how, timings["map_train_s"])
     t = time.perf_counter()
     val = loaders["validation"] if needs.validation else None
     bl.fit(train_loader, val_loader=val, checkpoints=checkpoints)
     timings["fit_s"] = time.perf_counter() - t
+    logger.info("posterior %s fitted in %.1f s", bl.method, timings["fit_s"])
+    prior = bl._fitted_prior()
+    if prior is not None:
+        logger.info("prior precision (%s): %s", cfg["method"].get("prior_fit"), [round(x, 6) for x in prior])
 
     splits = list(dict.fromkeys(["validation", *cfg["eval"]["splits"]]))
     preds: dict[str, Predictions] = {}
@@ -211,6 +228,7 @@ def _execute(cfg: dict[str, Any], run_dir: Path, metrics_path: Path, identity: d
         t = time.perf_counter()
         preds[split] = bl.predictions(loaders[split], n_samples=cfg["eval"]["n_samples"], seed=seed)
         timings[f"predict_{split}_s"] = time.perf_counter() - t
+        logger.info("predicted %s in %.1f s: %s", split, timings[f"predict_{split}_s"], preds[split].metrics())
     ood_preds, ood_info = {}, {}
     if ood_sets:
         t = time.perf_counter()
@@ -223,6 +241,7 @@ def _execute(cfg: dict[str, Any], run_dir: Path, metrics_path: Path, identity: d
     if cfg["eval"]["temperature_row"]:  # T scales the method's model-average log-probabilities: its argmax stays
         temp = fit_temperature(preds["validation"].log_probs, preds["validation"].labels, where="eval.temperature_row")
         result["temperature"] = temp
+        logger.info("temperature of the + TS row: %.4g", temp)
         for split in splits:
             scaled = temperature_scaled(preds[split], temp)
             preds[f"{split}_ts"] = scaled
@@ -241,6 +260,7 @@ def _execute(cfg: dict[str, Any], run_dir: Path, metrics_path: Path, identity: d
     result.update(run_id=run_id(identity), setting_id=setting_id(identity), bayeslora_version=_version())
     record = RunRecord.from_dict(result, run_dir)
     record.write(metrics_path)
+    logger.info("wrote %s in %.1f s", metrics_path, timings["total_s"])
     return record.to_dict()
 
 
@@ -369,7 +389,6 @@ def _report(result: Mapping[str, Any]) -> None:
 
 def main() -> None:
     """Console script ``bayeslora-run`` (Hydra CLI: ``bayeslora-run method=... data=... seed=...``)."""
-    import warnings
 
     import hydra
 
@@ -380,11 +399,9 @@ def main() -> None:
 
     @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
     def _app(cfg: DictConfig) -> float:
-        # peft calls a transformers API deprecated in v5; nothing the user can act on (set per job: with the
-        # joblib launcher jobs run in worker processes)
-        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         result = run(cfg)
-        _report(result)
+        if distributed.world().main:  # under torchrun only rank 0 prints the results table
+            _report(result)
         return float(result["nll"])
 
     _app()

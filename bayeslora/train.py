@@ -33,12 +33,12 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from . import distributed
 from .adapter_state import save_checkpoint, trainable_parameters
 from .data.collate import dataset_size
 from .function import AdapterFn, model_mode
+from .progress import bar as progress_bar
 from .rng import seeded
 from .validate import positive
 
@@ -207,7 +207,7 @@ def train_map(
     hooks = [*callbacks, *([checkpointer] if checkpointer else [])]
     epoch = 0
     start = time.perf_counter()
-    bar = tqdm(total=steps, desc="train_map", disable=not config.progress, leave=False, dynamic_ncols=True)
+    bar = progress_bar(desc="train_map", total=steps, enabled=config.progress)
     with seeded(loader, config.seed, fn.device), model_mode(fn.model, True):
         micro, running = 0, 0.0
 

@@ -271,3 +271,28 @@ def test_the_divergence_rule_allows_negative_losses():
         _check_divergence([0.69, 12.0], TrainConfig())
     with pytest.raises(TrainingDiverged):
         _check_divergence([-1.3, 20.0], TrainConfig())  # 21.3 nats up: more than 10 x 1.3
+
+
+def test_a_run_logs_its_stages_and_leaves_no_progress_bar_debris(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "bayeslora.run", "experiment=smoke", f"results_dir={tmp_path}", "train.progress=true"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    log = next(tmp_path.rglob("run.log")).read_text()
+    for line in ("config: ", "data: ", "MAP adapter trained", "posterior map fitted", "predicted test", "wrote "):
+        assert line in log, (line, log[-2000:])
+    assert "\x1b[A" not in out.stderr and "\r" not in out.stderr  # bars switch off when stderr is not a terminal
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert "skipped" in again.stdout and "skipped" in next(tmp_path.rglob("run.log")).read_text()
+
+
+def test_the_peft_deprecation_is_silenced_for_library_users():
+    import warnings
+
+    import bayeslora  # noqa: F401
+
+    assert any("is_gradient_checkpointing" in str(f[1].pattern) for f in warnings.filters if f[1] is not None)

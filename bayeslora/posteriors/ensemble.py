@@ -18,11 +18,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from ..adapter_state import load_trained, trained_values
 from ..function import AdapterFn, model_mode
 from ..predictive import Predictive
+from ..progress import bar as progress_bar
 from ..rng import forked
 from ..train import TrainConfig, train_map
 from ..validate import positive_int
@@ -148,7 +148,7 @@ class Ensemble:
             members.append(self._kept(original))
             histories.append([])
         try:
-            for seed in tqdm(self.seeds[len(members) :], desc="ensemble", disable=not self.progress, leave=False):
+            for seed in progress_bar(self.seeds[len(members) :], desc="ensemble members", enabled=self.progress):
                 reinitialise(fn, seed)
                 result = train_map(fn, loader, self.member_config(seed))
                 members.append(self._kept(trained_values(fn)))

@@ -47,6 +47,7 @@ import torch
 from .. import distributed
 from ..function import AdapterFn
 from ..params import ParamGroup
+from ..progress import bar as progress_bar
 from .lowrank import FrequentDirections, eig_psd
 
 KFAC_APPROX = ("reduce", "expand")
@@ -367,7 +368,7 @@ def fit_curvature(
     else:
         accs = [_DiagAccumulator(g, device) for g in groups]
     loss, n_seen = 0.0, 0
-    for batch in loader:
+    for batch in progress_bar(loader, desc=f"curvature ({structure})"):
         batch = fn.to_device(batch)
         labels = fn.labels(batch)
         with torch.enable_grad(), record_layers(groups) as records:

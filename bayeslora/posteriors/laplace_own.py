@@ -46,6 +46,7 @@ import torch
 from ..function import AdapterFn, model_mode
 from ..params import ParamGroup
 from ..predictive import Predictive
+from ..progress import bar as progress_bar
 from . import require_fitted
 from .glm import coordinates, epistemic, functional_covariance, mc_logits, probit
 from .kfac import Factor, as_matrix, factor_from_state, fit_curvature, from_matrix
@@ -155,7 +156,7 @@ class OwnLaplace:
         groups = self.match_groups(fn, self.groups)
         n = 0
         with model_mode(fn.model, False):
-            for batch in val_loader:
+            for batch in progress_bar(val_loader, desc="prior precision (val NLL grid)"):
                 coords = coordinates(fn, self.values, groups, self._on(fn.device), batch, self.s.chunk_size)
                 cov = functional_covariance(coords, self.factors, self.num_data, candidates.to(fn.device))
                 labels = fn.labels(batch)

@@ -40,12 +40,12 @@ from typing import Any
 import torch
 from pyro.infer import SVI, Trace_ELBO, TraceMeanField_ELBO
 from pyro.optim import ClippedAdam
-from tqdm.auto import tqdm
 
 from ..data.collate import dataset_size
 from ..function import AdapterFn, model_mode
 from ..likelihoods import LIKELIHOODS, likelihood_from_config
 from ..predictive import Predictive
+from ..progress import bar as progress_bar
 from ..rng import forked, seed_from, seeded
 from ..validate import positive
 from . import Needs, registered_name, require_fitted, sample_count
@@ -272,7 +272,7 @@ class Variational:
         n = dataset_size(loader)
         total = self.steps if self.steps is not None else max(1, math.ceil(self.epochs * len(loader)))
         self.bind(fn, n, total_steps=total)
-        bar = tqdm(total=total, desc=self.name, disable=not self.progress, leave=False, dynamic_ncols=True)
+        bar = progress_bar(desc=self.name, total=total, enabled=self.progress)
         with seeded(loader, self.seed, fn.device):
             while self._num_steps < total:
                 for batch in loader:
