@@ -402,7 +402,7 @@ def main() -> None:
         result = run(cfg)
         if distributed.world().main:  # under torchrun only rank 0 prints the results table
             _report(result)
-        return float(result["nll"])
+        return float(result["splits"]["validation"]["nll"])  # what a sweeper (Optuna) minimises: validation NLL
 
     _app()
 

@@ -1,5 +1,6 @@
 """Sweep support: GPU leases, the MAP-cache lock, stale temporaries, the parallel launcher and the study configs."""
 
+import json
 import threading
 import time
 
@@ -156,3 +157,35 @@ def test_parallel_sweep_trains_a_shared_map_once(tmp_path, shared_data):
     assert sorted(r["map"]["cached"] for r in results.values()) == [False, True]
     sequential = run(compose(["experiment=cpu_pipeline", f"data.root={shared_data}", f"results_dir={tmp_path}/seq"]))
     assert results["map"]["splits"]["test"] == pytest.approx(sequential["splits"]["test"])
+
+
+def _multirun(tmp_path, *overrides, timeout=600):
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "bayeslora.run", "-m", "experiment=smoke", f"results_dir={tmp_path}", *overrides]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    return out
+
+
+@pytest.mark.slow
+def test_the_slurm_launcher_config_runs_jobs_as_separate_processes(tmp_path):
+    """hydra/launcher=slurm and local_processes share submitit; the local executor runs each job in a subprocess."""
+    _multirun(tmp_path, "hydra/launcher=local_processes", "seed=0,1")
+    records = sorted(tmp_path.rglob("metrics.json"))
+    assert [json.loads(p.read_text())["seed"] for p in records] == [0, 1]
+    assert list((tmp_path / ".submitit").glob("*/*_submitted.pkl"))  # submitted through submitit
+    cfg = _hydra_cfg(["hydra/launcher=slurm", "hydra.launcher.partition=gpu"])
+    assert cfg.hydra.launcher.partition == "gpu" and "SlurmLauncher" in cfg.hydra.launcher._target_
+
+
+@pytest.mark.slow
+def test_the_optuna_sweeper_minimises_validation_nll(tmp_path):
+    _multirun(tmp_path, "hydra/sweeper=optuna_nll", "hydra.sweeper.n_trials=2", "hydra.sweeper.sampler.seed=0")
+    runs = [json.loads(p.read_text()) for p in tmp_path.rglob("metrics.json")]
+    assert len(runs) == 2 and len({r["config"]["train"]["lr"] for r in runs}) == 2  # two trials, two settings
+    best = (tmp_path / "optimization_results.yaml").read_text()
+    assert f"best_value: {min(r['splits']['validation']['nll'] for r in runs)}" in best
