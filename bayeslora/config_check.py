@@ -15,7 +15,7 @@ from typing import Any
 
 TOP_LEVEL = frozenset(
     {"model", "lora", "data", "method", "train", "params", "eval", "seed", "prior_precision", "device", "gpu_slots",
-     "dtype", "results_dir", "method_label", "run_name", "run_dir", "map_cache", "force", "hydra", "stages"}
+     "dtype", "results_dir", "method_label", "run_name", "run_dir", "map_cache", "force", "hydra", "stages", "logger"}
 )  # fmt: skip
 DATA_KEYS = frozenset({"name", "task", "root", "max_length", "max_train", "max_eval", "val_size", "options", "answers"})
 MODEL_KEYS = frozenset({"name", "format", "lora_targets"})

@@ -52,6 +52,7 @@ RUNTIME_KEYS = frozenset(
         "gpu_slots",
         "force",
         "stages",  # the study's staged sweeps (read by its script), not a setting of one run
+        "logger",  # an experiment tracker watches the run
         "results_dir",
         "run_dir",
         "run_name",

@@ -47,6 +47,7 @@ from .ood import ood_report, predict_ood, prepare_ood
 from .posteriors import accepts
 from .results import TS_SUFFIX, RunRecord, digest, identity_mismatch, map_identity, run_id, run_identity, setting_id
 from .sweep import file_lock, remove_stale_temporaries, run_device
+from .trackers import flat_metrics
 from .train import TrainConfig, TrainResult
 from .wrapper import BayesianLoRA
 
@@ -93,7 +94,7 @@ def _train_config(cfg: Mapping[str, Any], checkpoint_dir: Path, steps_per_epoch:
 
 
 def _fit_or_load_map(
-    bl: BayesianLoRA, cfg: Mapping[str, Any], loader, run_dir: Path, identity: Mapping[str, Any]
+    bl: BayesianLoRA, cfg: Mapping[str, Any], loader, run_dir: Path, identity: Mapping[str, Any], callbacks=()
 ) -> tuple[dict, Path]:
     """Train the MAP adapter, or load it from the cache shared by the runs of a sweep.
 
@@ -101,20 +102,20 @@ def _fit_or_load_map(
     filled under a file lock: parallel runs needing the same MAP adapter train it once.
     """
     if not cfg.get("map_cache"):
-        return _fit_map(bl, cfg, loader, run_dir / "checkpoints", None)
+        return _fit_map(bl, cfg, loader, run_dir / "checkpoints", None, callbacks)
     cache = Path(cfg["map_cache"]) / _map_key(cfg, identity)
     with file_lock(cache / ".lock"):  # only the lock holder writes here: temporaries found now are stale
         remove_stale_temporaries(cache, cache / "checkpoints")
-        return _fit_map(bl, cfg, loader, cache / "checkpoints", cache)
+        return _fit_map(bl, cfg, loader, cache / "checkpoints", cache, callbacks)
 
 
-def _fit_map(bl: BayesianLoRA, cfg: Mapping[str, Any], loader, ckpt_dir: Path, cache: Path | None):
+def _fit_map(bl: BayesianLoRA, cfg: Mapping[str, Any], loader, ckpt_dir: Path, cache: Path | None, callbacks=()):
     if cache is not None and (cache / "map.pt").is_file():
         state = load_torch(cache / "map.pt")
         load_trained(bl.fn, state["values"], argument="MAP cache")
         return {**state["train"], "cached": True}, ckpt_dir
     try:
-        result: TrainResult = bl.fit_map(loader, _train_config(cfg, ckpt_dir, len(loader)))
+        result: TrainResult = bl.fit_map(loader, _train_config(cfg, ckpt_dir, len(loader)), callbacks=callbacks)
     except BaseException:
         if cache is not None:  # a failed training leaves nothing in the shared cache (its checkpoints included)
             shutil.rmtree(ckpt_dir, ignore_errors=True)
@@ -198,6 +199,7 @@ def _execute(cfg: dict[str, Any], run_dir: Path, metrics_path: Path, identity: d
         "test": make_loader(task.test, tokenizer, batch_size=eval_bs),
     }
     timings: dict[str, float] = {"setup_s": time.perf_counter() - t0}
+    trackers = [_instantiate(cfg["logger"])] if cfg.get("logger") else []  # the logger group: TensorBoard, W&B
     sizes = (len(task.train), len(task.validation), len(task.test))
     logger.info("data: %s train / %s validation / %s test rows of %s (%s classes); setup %.1f s", *sizes,
                 cfg["data"]["task"], task.num_classes, timings["setup_s"])  # fmt: skip
@@ -206,7 +208,7 @@ def _execute(cfg: dict[str, Any], run_dir: Path, metrics_path: Path, identity: d
     map_info: dict[str, Any] = {}
     needs, checkpoints = bl.posterior.needs, None
     if needs.map_adapter:
-        map_info, ckpt_dir = _fit_or_load_map(bl, cfg, train_loader, run_dir, identity)
+        map_info, ckpt_dir = _fit_or_load_map(bl, cfg, train_loader, run_dir, identity, trackers)
         if needs.checkpoints:
             checkpoints = [str(p) for p in list_checkpoints(ckpt_dir)]
     timings["map_train_s"] = time.perf_counter() - t
@@ -260,6 +262,10 @@ def _execute(cfg: dict[str, Any], run_dir: Path, metrics_path: Path, identity: d
     result.update(run_id=run_id(identity), setting_id=setting_id(identity), bayeslora_version=_version())
     record = RunRecord.from_dict(result, run_dir)
     record.write(metrics_path)
+    for tracker in trackers:
+        tracker.log_config(identity)
+        tracker.log_metrics(flat_metrics(result))
+        tracker.close()
     logger.info("wrote %s in %.1f s", metrics_path, timings["total_s"])
     return record.to_dict()
 

@@ -114,13 +114,13 @@ class BayesianLoRA:
         return self.posterior.name
 
     # ------------------------------------------------------------------ fitting
-    def fit_map(self, loader, config: TrainConfig | Mapping[str, Any] | None = None) -> TrainResult:
-        """Train the adapter to its MAP with :func:`~bayeslora.train.train_map`."""
+    def fit_map(self, loader, config: TrainConfig | Mapping[str, Any] | None = None, callbacks=()) -> TrainResult:
+        """Train the adapter to its MAP with :func:`~bayeslora.train.train_map` (``callbacks``: TrainCallbacks)."""
         if config is None or isinstance(config, Mapping):
             config = TrainConfig(**dict(config or {}))
         if self.prior_precision is not None:
             config = dataclasses.replace(config, prior_precision=self.prior_precision)
-        result = train_map(self.fn, loader, config)
+        result = train_map(self.fn, loader, config, callbacks=callbacks)
         self._map_checkpoints = list(result.checkpoints)
         return result
 

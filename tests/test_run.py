@@ -296,3 +296,18 @@ def test_the_peft_deprecation_is_silenced_for_library_users():
     import bayeslora  # noqa: F401
 
     assert any("is_gradient_checkpointing" in str(f[1].pattern) for f in warnings.filters if f[1] is not None)
+
+
+def test_the_logger_group_writes_tensorboard_events_and_an_offline_wandb_run(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    result = run(_cfg(tmp_path, "logger=tensorboard"))
+    events = list((Path(result["run_dir"]) / "tensorboard").glob("events.out.tfevents.*"))
+    assert events
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    assert len(acc.Scalars("train/loss")) == result["map"]["steps"]  # one point per MAP step, through the callback
+    assert acc.Scalars("test/nll")[0].value == pytest.approx(result["splits"]["test"]["nll"], rel=1e-6)
+    assert run(_cfg(tmp_path, "logger=tensorboard"))["run_dir"] == result["run_dir"]  # a tracker is not a setting
+    wb = run(_cfg(tmp_path, "logger=wandb", "seed=1"))
+    assert list((Path(wb["run_dir"]) / "wandb").glob("offline-run-*"))
