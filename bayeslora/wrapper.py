@@ -248,6 +248,15 @@ class BayesianLoRA:
         return cls(model, readout, method, params=params, **kwargs)
 
     @classmethod
+    def from_trainer(cls, trainer, readout: Readout, method: str | Posterior = "kfac_laplace", **kwargs: Any):
+        """Fit ``method`` around the adapter a Hugging Face ``Trainer`` trained, on the trainer's own training
+        loader (its eval loader for methods that need a validation split); ``**kwargs`` as in the constructor."""
+        bl = cls(trainer.model, readout, method, **kwargs)
+        val = trainer.get_eval_dataloader() if bl.posterior.needs.validation else None
+        bl.fit(trainer.get_train_dataloader(), val_loader=val)
+        return bl
+
+    @classmethod
     def load(cls, base_model: nn.Module, path: str | os.PathLike, *, autocast_dtype="auto") -> BayesianLoRA:
         """Load a saved BayesianLoRA onto a fresh base model (the same architecture and weights).
 
