@@ -2,11 +2,13 @@
 
 Bars are tqdm bars that disappear when done (``leave=False``) and switch themselves off when the output is not a
 terminal (``disable=None``): a log file or a redirected stderr gets no bar debris (no ``\\x1b[A`` cursor moves).
-``enabled=False`` turns a bar off everywhere (``progress=false`` in the configs).
+``enabled=False`` turns a bar off everywhere (``progress=false`` in the configs, for the training bars);
+``TQDM_DISABLE=1`` in the environment turns every bar off.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -20,4 +22,5 @@ def bar(iterable: Iterable[Any] | None = None, *, desc: str, total: int | None =
             total = len(iterable)  # type: ignore[arg-type]
         except TypeError:
             total = None
-    return tqdm(iterable, desc=desc, total=total, disable=None if enabled else True, leave=False, dynamic_ncols=True)
+    off = not enabled or os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
+    return tqdm(iterable, desc=desc, total=total, disable=True if off else None, leave=False, dynamic_ncols=True)

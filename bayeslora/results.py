@@ -34,7 +34,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .io import load_torch, save_json
 
@@ -74,7 +74,7 @@ RESOLVER = "bayeslora_setting"
 
 
 def _plain(cfg: Any) -> Any:
-    if isinstance(cfg, DictConfig):
+    if isinstance(cfg, (DictConfig, ListConfig)):
         return OmegaConf.to_container(cfg, resolve=True)
     return cfg
 
@@ -101,11 +101,21 @@ def _identity_tree(node: DictConfig, prefix: str = "") -> dict[str, Any]:
         if path in RUNTIME_KEYS:
             continue
         raw = node._get_node(key)
-        if OmegaConf.is_interpolation(node, key) and _REFERENCE.match(str(raw._value())):
-            continue  # e.g. method.seed: ${seed} — determined by keys already in the identity
+        reference = OmegaConf.is_interpolation(node, key) and _REFERENCE.match(str(raw._value()))
+        if reference and _derived(path, str(raw._value())[2:-1]):
+            continue  # e.g. method.seed: ${seed} — determined by a key already in the identity
         value = node[key]
         out[key] = _identity_tree(value, f"{path}.") if isinstance(value, DictConfig) else _plain(value)
     return out
+
+
+def _derived(path: str, target: str) -> bool:
+    """Whether ``path: ${target}`` adds nothing to the identity: its target is an identity key itself (not a runtime
+    key) and, for a key that shapes the MAP, not a post-MAP key (else the MAP cache key would lose it)."""
+    parts = target.split(".")
+    if any(".".join(parts[: i + 1]) in RUNTIME_KEYS for i in range(len(parts))):
+        return False
+    return not (path.split(".")[0] not in POST_MAP_KEYS and parts[0] in POST_MAP_KEYS)
 
 
 def effective_dtype(dtype: Any, device: Any) -> str:
@@ -203,9 +213,28 @@ def identity_mismatch(where: str, stored: Mapping[str, Any] | None, requested: M
     )
 
 
+_RESOLVING: list[bool] = []  # re-entrance guard of the resolver (a setting that refers to run_dir)
+
+
 def _setting_resolver(*, _root_: DictConfig) -> str:
-    """``${bayeslora_setting:}``: the setting id of the config being resolved (its run keys left out)."""
-    return setting_id(run_identity(_root_))
+    """``${bayeslora_setting:}``: the setting id of the config being resolved (its run keys left out).
+
+    A missing mandatory value (``???``) gives the placeholder ``missing`` (``run`` then names the key); a setting
+    that refers to ``run_dir`` / ``run_name`` (which depend on the settings) is an error that says so."""
+    from omegaconf.errors import MissingMandatoryValue
+
+    if _RESOLVING:
+        raise ValueError(
+            "a setting refers to run_dir or run_name, which are derived from the settings themselves; refer to "
+            "results_dir (e.g. ${results_dir}/ckpts) instead."
+        )
+    _RESOLVING.append(True)
+    try:
+        return setting_id(run_identity(_root_))
+    except MissingMandatoryValue:
+        return "missing"
+    finally:
+        _RESOLVING.pop()
 
 
 def register_resolver() -> None:

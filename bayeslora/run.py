@@ -145,7 +145,7 @@ def _method_options(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return {**options, **_run_level_options(cfg)}
 
 
-def run(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
+def run(cfg: DictConfig) -> dict[str, Any]:
     """Run one experiment; returns the metrics dict written to ``metrics.json``.
 
     The whole run holds a lock on its run directory, so two processes given the same run wait for each other
@@ -154,14 +154,19 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
     (:mod:`bayeslora.results`); a different identity is an error naming the differing keys. ``force=true``
     recomputes. Temporary files an interrupted attempt left in the run directory are removed first.
     """
-    if isinstance(cfg, DictConfig):
-        missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra"))
-        if missing:
-            more = f" (and {missing[1:]})" if len(missing) > 1 else ""
-            raise ValueError(
-                f"{missing[0]}: a mandatory value is missing{more}; set it on the command line, e.g. {missing[0]}=... "
-                "(the config file's comment shows a full command)."
-            )
+    if not isinstance(cfg, DictConfig):
+        raise TypeError(
+            f"cfg: expected the composed config (bayeslora.run.compose([...]) or the one Hydra passes), got "
+            f"{type(cfg).__name__}; a resolved dict has lost which keys are wired to others, so its identity would "
+            "differ from the composed config's."
+        )
+    missing = sorted(k for k in OmegaConf.missing_keys(cfg) if not k.startswith("hydra"))
+    if missing:
+        more = f" (and {missing[1:]})" if len(missing) > 1 else ""
+        raise ValueError(
+            f"{missing[0]}: a mandatory value is missing{more}; set it on the command line, e.g. {missing[0]}=... "
+            "(the config file's comment shows a full command)."
+        )
     identity = run_identity(cfg)  # from the composed config: keys wired to another key are left out
     cfg = _plain(cfg)
     check_run_config(cfg)
@@ -178,10 +183,18 @@ def run(cfg: DictConfig | Mapping[str, Any]) -> dict[str, Any]:
             return {**stored.to_dict(), "skipped": why}
         remove_stale_temporaries(run_dir, run_dir / "checkpoints")
         with run_device(cfg["device"], int(cfg.get("gpu_slots") or 1)) as device:
-            return _execute({**cfg, "device": device}, run_dir, metrics_path, identity)
+            # the logger group (TensorBoard, W&B), on rank 0 only, closed however the run ends
+            trackers = [_instantiate(cfg["logger"])] if cfg.get("logger") and distributed.world().main else []
+            try:
+                return _execute({**cfg, "device": device}, run_dir, metrics_path, identity, trackers)
+            finally:
+                for tracker in trackers:
+                    tracker.close()
 
 
-def _execute(cfg: dict[str, Any], run_dir: Path, metrics_path: Path, identity: dict[str, Any]) -> dict[str, Any]:
+def _execute(
+    cfg: dict[str, Any], run_dir: Path, metrics_path: Path, identity: dict[str, Any], trackers: list
+) -> dict[str, Any]:
     """The stages of a run: data (and every OOD set, checked before any training) -> model -> MAP -> posterior ->
     predictions -> the record, written last."""
     t0 = time.perf_counter()
@@ -199,7 +212,6 @@ def _execute(cfg: dict[str, Any], run_dir: Path, metrics_path: Path, identity: d
         "test": make_loader(task.test, tokenizer, batch_size=eval_bs),
     }
     timings: dict[str, float] = {"setup_s": time.perf_counter() - t0}
-    trackers = [_instantiate(cfg["logger"])] if cfg.get("logger") else []  # the logger group: TensorBoard, W&B
     sizes = (len(task.train), len(task.validation), len(task.test))
     logger.info("data: %s train / %s validation / %s test rows of %s (%s classes); setup %.1f s", *sizes,
                 cfg["data"]["task"], task.num_classes, timings["setup_s"])  # fmt: skip
@@ -265,7 +277,6 @@ def _execute(cfg: dict[str, Any], run_dir: Path, metrics_path: Path, identity: d
     for tracker in trackers:
         tracker.log_config(identity)
         tracker.log_metrics(flat_metrics(result))
-        tracker.close()
     logger.info("wrote %s in %.1f s", metrics_path, timings["total_s"])
     return record.to_dict()
 

@@ -257,7 +257,8 @@ class BayesianLoRA:
         return bl
 
     @classmethod
-    def load(cls, base_model: nn.Module, path: str | os.PathLike, *, autocast_dtype="auto") -> BayesianLoRA:
+    def load(cls, *args: Any, base_model: nn.Module | None = None, path: str | os.PathLike | None = None,
+             autocast_dtype="auto") -> BayesianLoRA:  # fmt: skip
         """Load a saved BayesianLoRA onto a fresh base model (the same architecture and weights).
 
         The argument order is ``PeftModel.from_pretrained``'s (model, then path); the old ``load(path, base_model)``
@@ -269,14 +270,25 @@ class BayesianLoRA:
         """
         from peft import PeftModel
 
-        if isinstance(base_model, (str, os.PathLike)) and isinstance(path, nn.Module):
-            warnings.warn(
-                "BayesianLoRA.load(path, base_model) is deprecated; pass load(base_model, path), the order of "
-                "PeftModel.from_pretrained.",
-                DeprecationWarning,
-                stacklevel=2,
-            )
-            base_model, path = path, base_model
+        if len(args) == 2:
+            base_model, path = args
+            if isinstance(base_model, (str, os.PathLike)) and isinstance(path, nn.Module):
+                warnings.warn(
+                    "BayesianLoRA.load(path, base_model) is deprecated; pass load(base_model, path), the order of "
+                    "PeftModel.from_pretrained.",
+                    DeprecationWarning,
+                    stacklevel=2,
+                )
+                base_model, path = path, base_model
+        elif len(args) == 1:  # load(base_model, path=...) or the old load(path, base_model=...)
+            if isinstance(args[0], nn.Module):
+                base_model = args[0]
+            else:
+                path = args[0]
+        elif len(args) > 2:
+            raise TypeError(f"load: expected load(base_model, path), got {len(args)} positional arguments.")
+        if base_model is None or path is None:
+            raise TypeError("load: expected load(base_model, path) (PeftModel.from_pretrained's order).")
         if not isinstance(base_model, nn.Module):
             raise TypeError(f"base_model: expected a torch model (the fresh base), got {type(base_model).__name__}.")
         path = Path(path)

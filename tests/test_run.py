@@ -311,3 +311,19 @@ def test_the_logger_group_writes_tensorboard_events_and_an_offline_wandb_run(tmp
     assert run(_cfg(tmp_path, "logger=tensorboard"))["run_dir"] == result["run_dir"]  # a tracker is not a setting
     wb = run(_cfg(tmp_path, "logger=wandb", "seed=1"))
     assert list((Path(wb["run_dir"]) / "wandb").glob("offline-run-*"))
+
+
+def test_identity_details_found_in_review(tmp_path):
+    from omegaconf import OmegaConf
+
+    from bayeslora.results import run_identity
+
+    ident = run_identity(compose(SMOKE))
+    assert ident["eval"]["splits"] == ["test"] and ident["params"]["lora_tensors"] == ["A", "B"]  # real lists
+    wired = run_identity(compose([*SMOKE, "method=ensemble", "method.train.lr=${device}"]))
+    assert wired["method"]["train"]["lr"] == "auto"  # a reference to a runtime key is kept (resolved)
+    with pytest.raises(TypeError, match="cfg: expected the composed config"):
+        run(OmegaConf.to_container(_cfg(tmp_path), resolve=True))
+    assert "/missing/" in compose(["data=jsonl"]).run_dir  # ??? values: run() then names the key
+    with pytest.raises(Exception, match="refers to run_dir or run_name"):
+        _ = compose([*SMOKE, "method=checkpoint_ensemble", "method.checkpoint_dir=${run_dir}/ck"]).run_dir

@@ -198,6 +198,8 @@ def test_an_adapter_trained_elsewhere_and_the_peft_argument_order(tmp_path):
     with pytest.warns(DeprecationWarning, match=r"load\(path, base_model\) is deprecated"):
         old = BayesianLoRA.load(tmp_path / "saved", load_model("tiny-bert", device="cpu", seed=0)[0])
     torch.testing.assert_close(old.predictions(ds.loader(8)).log_probs, want)
+    keyword = BayesianLoRA.load(tmp_path / "saved", base_model=load_model("tiny-bert", device="cpu", seed=0)[0])
+    torch.testing.assert_close(keyword.predictions(ds.loader(8)).log_probs, want)  # the old keyword call
 
 
 def test_printing_a_predictive_shows_shapes_and_summaries_not_tensors():
