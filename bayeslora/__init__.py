@@ -5,9 +5,9 @@ Public API::
     from bayeslora import BayesianLoRA, AnswerTokenLogits, SequenceClassificationLogits
 """
 
-import importlib
 import warnings
-from typing import Any
+
+from .lazy import exports
 
 # peft calls a transformers API deprecated in v5 (nothing a user can act on): silenced for every use of bayeslora
 warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
@@ -42,10 +42,7 @@ _WHERE = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = exports(__name__, _WHERE)
 
 
 __version__ = "0.1.0"

@@ -14,8 +14,7 @@ every schema), :mod:`.registry` (the tasks and their splits), :mod:`.prompts` (t
 :mod:`.collate` (``make_loader``), :mod:`.generic` (user jsonl/csv files).
 """
 
-import importlib
-from typing import Any
+from ..lazy import exports
 
 # Submodules load on first use (PEP 562): ``bayeslora.data.collate`` needs neither ``datasets`` nor the tokenizers.
 _WHERE = {
@@ -35,11 +34,7 @@ _WHERE = {
 }
 from ..formats import FORMATS, PADDING_SIDE  # noqa: E402
 
-
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        return getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = exports(__name__, _WHERE)
 
 
 __all__ = [
