@@ -101,9 +101,8 @@ def _unlabelled(name: str, e: Mapping[str, Any], tokenizer, format: str) -> tupl
     """An unlabelled set from a text file (one example per line) or a jsonl / csv file with a text field."""
     from pathlib import Path
 
-    import datasets
-
     from .data.encode import encode_texts
+    from .data.sources import load_file
 
     path = Path(str(e["path"])).expanduser()
     if not path.is_file():
@@ -113,7 +112,7 @@ def _unlabelled(name: str, e: Mapping[str, Any], tokenizer, format: str) -> tupl
     kind = {".txt": "text", ".jsonl": "json", ".json": "json", ".csv": "csv"}.get(path.suffix.lower())
     if kind is None:
         raise ValueError(f"eval.ood.{name}.path: expected a .txt, .jsonl or .csv file, got {path.name!r}.")
-    rows = datasets.load_dataset(kind, data_files=str(path), split="train")
+    rows = load_file(path, task=f"eval.ood.{name}", split="test", kind=kind)  # empty / unparsable files: an error
     field = "text" if kind == "text" else e["text_field"]
     if field not in rows.column_names:
         raise ValueError(

@@ -82,22 +82,20 @@ def encode(
         enc = _tokenize_mc(records, tokenizer, max_length, template, option_words)
     else:
         enc = _tokenize_seq_cls(records, tokenizer, max_length)
+    labels = ([r["label"] for r in records], datasets.ClassLabel(names=list(label_names)))
+    return _dataset(enc, labels, f"bayeslora task {task!r}, format {format!r}, split {split!r}", task, format, split)
+
+
+def _dataset(enc: Any, labels: tuple[list[int], Any], description: str, name: str, format: str, split: str):
+    """A Dataset of the tokenizer output's model columns and ``labels`` (values, feature); its format and name are
+    in ``info`` (``config_name`` / ``dataset_name``), which :func:`~bayeslora.data.make_loader` reads."""
     columns = {k: enc[k] for k in _COLUMN_TYPES if k in enc}
+    values, feature = labels
     features = datasets.Features(
-        {
-            **{k: datasets.Sequence(datasets.Value(_COLUMN_TYPES[k])) for k in columns},
-            "labels": datasets.ClassLabel(names=list(label_names)),
-        }
+        {**{k: datasets.Sequence(datasets.Value(_COLUMN_TYPES[k])) for k in columns}, "labels": feature}
     )
-    info = datasets.DatasetInfo(
-        description=f"bayeslora task {task!r}, format {format!r}, split {split!r}",
-        dataset_name=task,
-        config_name=format,
-        features=features,
-    )
-    return datasets.Dataset.from_dict(
-        {**columns, "labels": [r["label"] for r in records]}, features=features, info=info, split=split
-    )
+    info = datasets.DatasetInfo(description=description, dataset_name=name, config_name=format, features=features)
+    return datasets.Dataset.from_dict({**columns, "labels": values}, features=features, info=info, split=split)
 
 
 UNLABELLED = -1  # the label of every row of an unlabelled set (OOD detection only)
@@ -113,17 +111,5 @@ def encode_texts(texts: Sequence[str], tokenizer: Any, *, format: str, max_lengt
             enc = tokenizer([f"{t}\n{ANSWER_CUE}" for t in texts], truncation=True, max_length=max_length)
     else:
         enc = tokenizer(list(texts), truncation=True, max_length=max_length)
-    columns = {k: enc[k] for k in _COLUMN_TYPES if k in enc}
-    features = datasets.Features(
-        {
-            **{k: datasets.Sequence(datasets.Value(_COLUMN_TYPES[k])) for k in columns},
-            "labels": datasets.Value("int64"),
-        }
-    )
-    info = datasets.DatasetInfo(
-        description=f"bayeslora unlabelled set {name!r}, format {format!r}", dataset_name=name, config_name=format,
-        features=features,
-    )  # fmt: skip
-    return datasets.Dataset.from_dict(
-        {**columns, "labels": [UNLABELLED] * len(texts)}, features=features, info=info, split="test"
-    )
+    labels = ([UNLABELLED] * len(texts), datasets.Value("int64"))
+    return _dataset(enc, labels, f"bayeslora unlabelled set {name!r}, format {format!r}", name, format, "test")

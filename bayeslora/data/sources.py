@@ -24,7 +24,7 @@ import datasets
 ENV_VAR = "BAYESLORA_DATA"
 DEMO = "demo"
 DEMO_ROOT = Path(__file__).resolve().parent / DEMO
-_EXPECTED = {"json": "one JSON object per line", "csv": "a CSV file with a header row"}
+_EXPECTED = {"json": "one JSON object per line", "csv": "a CSV file with a header row", "text": "one text per line"}
 _FIX = (
     f"set {ENV_VAR} or pass root= to a directory laid out as <root>/<task>/<split>.jsonl "
     f"(e.g. root='{DEMO}' for the packaged SST-2 subset), or root=None with network access for the hub"
@@ -92,13 +92,13 @@ def _quiet_progress() -> Iterator[None]:
 
 
 def load_file(path: str | os.PathLike, *, task: str, split: str, kind: str = "json") -> datasets.Dataset:
-    """Load one local ``.jsonl`` / ``.json`` (``kind="json"``) or ``.csv`` (``kind="csv"``) file.
+    """Load one local ``.jsonl`` / ``.json`` (``kind="json"``), ``.csv`` (``kind="csv"``) or text file (``"text"``).
 
     Args:
         path: the file.
         task: task name, for error messages.
         split: split role (``"train"``, ``"validation"``, ``"test"``), for error messages.
-        kind: the :func:`datasets.load_dataset` builder, ``"json"`` or ``"csv"``.
+        kind: the :func:`datasets.load_dataset` builder, ``"json"``, ``"csv"`` or ``"text"``.
 
     Raises:
         FileNotFoundError: the file does not exist.
