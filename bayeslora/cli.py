@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 METRIC_NAMES = ("acc", "ece", "nll", "brier", "aurc", "auroc_entropy", "auroc_mi")  # = bayeslora.tables.METRICS
-GROUPS = ("model", "lora", "data", "method", "train", "experiment", "debug")
+GROUPS = ("model", "lora", "data", "method", "train", "experiment", "debug", "logger")
 HELP_FLAGS = ("--help", "-h")
 
 

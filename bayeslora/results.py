@@ -119,33 +119,33 @@ def _derived(path: str, target: str) -> bool:
 
 
 def effective_dtype(dtype: Any, device: Any) -> str:
-    """The dtype a run computes in: ``auto`` is bf16 on a GPU and fp32 on the CPU (a device is runtime-only, but
-    the precision it implies changes the result)."""
-    names = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-    if str(dtype) != "auto":
-        return names.get(str(dtype), str(dtype))
+    """The dtype a run computes in (:func:`bayeslora.models.resolve_dtype`: ``auto`` is bf16 on a GPU and fp32 on
+    the CPU); a device is runtime-only, but the precision it implies changes the result. A dtype or device the
+    run cannot use is kept as written (the run's own checks name it)."""
+    import torch
+
+    from .models import resolve_dtype
+
     device = str(device)
     if device == "auto":
-        import torch
-
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return "bfloat16" if device.startswith("cuda") else "float32"
+    try:
+        return str(resolve_dtype(dtype, torch.device(device))).removeprefix("torch.")
+    except (ValueError, RuntimeError):
+        return str(dtype)
 
 
-def run_identity(cfg: Mapping[str, Any] | DictConfig) -> dict[str, Any]:
-    """The result-changing part of a run config (a JSON-able nested dict).
+def run_identity(cfg: DictConfig) -> dict[str, Any]:
+    """The result-changing part of a composed run config (a JSON-able nested dict).
 
-    From a composed config, keys wired to another key (``method.seed: ${seed}``) are left out (they are
-    determined by it), so the seeds of one setting share its setting id; ``dtype`` is the effective one.
+    Keys wired to another key (``method.seed: ${seed}``) are left out (they are determined by it), so the seeds of
+    one setting share its setting id; ``dtype`` is the effective one.
     """
-    if isinstance(cfg, DictConfig):
-        tree = _identity_tree(cfg)
-        device = cfg.get("device", "auto")
-    else:
-        tree = _drop(_plain(cfg), RUNTIME_KEYS)
-        device = cfg.get("device", "auto")
+    if not isinstance(cfg, DictConfig):
+        raise TypeError(f"cfg: expected a composed config (DictConfig), got {type(cfg).__name__}.")
+    tree = _identity_tree(cfg)
     if "dtype" in tree:
-        tree["dtype"] = effective_dtype(tree["dtype"], device)
+        tree["dtype"] = effective_dtype(tree["dtype"], cfg.get("device", "auto"))
     return json.loads(json.dumps(tree, sort_keys=True, default=str))
 
 
@@ -163,15 +163,9 @@ def run_id(identity: Mapping[str, Any]) -> str:
     return digest(identity, 16)
 
 
-def map_identity(cfg_or_identity: Mapping[str, Any] | DictConfig) -> dict[str, Any]:
-    """The part of the identity that determines the MAP adapter (everything but ``method`` and ``eval``), from a
-    config or from a run identity (:func:`run_identity`)."""
-    identity = cfg_or_identity if _is_identity(cfg_or_identity) else run_identity(cfg_or_identity)
+def map_identity(identity: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a run identity (:func:`run_identity`) that determines the MAP adapter (all but method, eval)."""
     return _drop(identity, POST_MAP_KEYS)
-
-
-def _is_identity(tree: Any) -> bool:
-    return isinstance(tree, Mapping) and not isinstance(tree, DictConfig) and not (set(tree) & RUNTIME_KEYS)
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -386,16 +380,16 @@ def _short(value: Any) -> str:
     return str(value)
 
 
-def distinguishing_keys(runs: Iterable[Mapping[str, Any]]) -> list[str]:
+def distinguishing_keys(runs: Iterable[RunRecord]) -> list[str]:
     """The identity keys (dotted) that take several values among runs of one label *within one column*.
 
     Keys that only vary with the column (the dataset: ``data.*``) or with the seed are not distinguishing.
     """
     by_column: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for run in runs:
-        flat = flatten(run.get("identity") or {})
+        flat = flatten(run.identity or {})
         flat.pop("seed", None)
-        by_column[str(run.get("data"))].append(flat)
+        by_column[str(run.data)].append(flat)
     keys: set[str] = set()
     for flats in by_column.values():
         every = set().union(*flats) if flats else set()
@@ -415,7 +409,7 @@ def label_runs(runs: list[RunRecord]) -> list[RunRecord]:
     for run in runs:  # a table holds one model: settings are told apart within a model
         by_label[(run.model, run.method_label)].append(run)
     for (_, label), group in by_label.items():
-        keys = distinguishing_keys({"identity": r.identity, "data": r.data} for r in group)
+        keys = distinguishing_keys(group)
         for run in group:
             if not keys:
                 run.label = label

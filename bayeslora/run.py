@@ -61,9 +61,6 @@ def compose(overrides: list[str] | None = None) -> DictConfig:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from .hydra_store import register
-
-    register()
     with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=list(overrides or []), return_hydra_config=False)
 
@@ -74,13 +71,9 @@ def study_stages(overrides: list[str]) -> list[list[str]]:
     return [[str(o) for o in stage] for stage in stages]
 
 
-def _plain(cfg: Any) -> Any:
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-
-
-def _map_key(cfg: Mapping[str, Any] | DictConfig, identity: Mapping[str, Any] | None = None) -> str:
+def _map_key(identity: Mapping[str, Any]) -> str:
     """The MAP cache key: a hash of every setting that changes the MAP adapter (:func:`results.map_identity`)."""
-    return digest(map_identity(cfg) if identity is None else map_identity(identity), 16)
+    return digest(map_identity(identity), 16)
 
 
 def _train_config(cfg: Mapping[str, Any], checkpoint_dir: Path, steps_per_epoch: int) -> TrainConfig:
@@ -103,7 +96,7 @@ def _fit_or_load_map(
     """
     if not cfg.get("map_cache"):
         return _fit_map(bl, cfg, loader, run_dir / "checkpoints", None, callbacks)
-    cache = Path(cfg["map_cache"]) / _map_key(cfg, identity)
+    cache = Path(cfg["map_cache"]) / _map_key(identity)
     with file_lock(cache / ".lock"):  # only the lock holder writes here: temporaries found now are stale
         remove_stale_temporaries(cache, cache / "checkpoints")
         return _fit_map(bl, cfg, loader, cache / "checkpoints", cache, callbacks)
@@ -139,12 +132,6 @@ def _run_level_options(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return {"prior_precision": float(cfg["prior_precision"])} if accepts(name, "prior_precision") else {}
 
 
-def _method_options(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """The method's options as the config gives them (``make_posterior(name, **options)``)."""
-    options = {k: v for k, v in dict(cfg["method"]).items() if k not in ("name", "_target_")}
-    return {**options, **_run_level_options(cfg)}
-
-
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run one experiment; returns the metrics dict written to ``metrics.json``.
 
@@ -168,7 +155,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "(the config file's comment shows a full command)."
         )
     identity = run_identity(cfg)  # from the composed config: keys wired to another key are left out
-    cfg = _plain(cfg)
+    cfg = OmegaConf.to_container(cfg, resolve=True)
     check_run_config(cfg)
     run_dir = Path(cfg["run_dir"])
     metrics_path = run_dir / "metrics.json"
@@ -223,16 +210,15 @@ def _execute(
         map_info, ckpt_dir = _fit_or_load_map(bl, cfg, train_loader, run_dir, identity, trackers)
         if needs.checkpoints:
             checkpoints = [str(p) for p in list_checkpoints(ckpt_dir)]
-    timings["map_train_s"] = time.perf_counter() - t
-    if needs.map_adapter:
         how = "loaded from the MAP cache" if map_info.get("cached") else f"trained ({map_info.get('steps')} steps)"
-        logger.info("MAP adapter %s in %.1f s", how, timings["map_train_s"])
+        logger.info("MAP adapter %s in %.1f s", how, time.perf_counter() - t)
+    timings["map_train_s"] = time.perf_counter() - t
     t = time.perf_counter()
     val = loaders["validation"] if needs.validation else None
     bl.fit(train_loader, val_loader=val, checkpoints=checkpoints)
     timings["fit_s"] = time.perf_counter() - t
     logger.info("posterior %s fitted in %.1f s", bl.method, timings["fit_s"])
-    prior = bl._fitted_prior()
+    prior = bl.fitted_prior_precision()
     if prior is not None:
         logger.info("prior precision (%s): %s", cfg["method"].get("prior_fit"), [round(x, 6) for x in prior])
 
@@ -409,10 +395,7 @@ def main() -> None:
 
     import hydra
 
-    from .hydra_store import register
-
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    register()
 
     @hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="config")
     def _app(cfg: DictConfig) -> float:

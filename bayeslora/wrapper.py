@@ -42,8 +42,8 @@ from .train import TrainConfig, TrainResult, train_map
 _META = "bayeslora.json"
 _STATE = "posterior.pt"
 _ADAPTER = "adapter"
-FORMAT_VERSION = 1
-logger = logging.getLogger(__name__)  # docs/saved_format.md; bump when the files or their keys change
+FORMAT_VERSION = 1  # docs/saved_format.md; bump when the files or their keys change
+logger = logging.getLogger(__name__)
 
 
 class BayesianLoRA:
@@ -84,6 +84,7 @@ class BayesianLoRA:
         if autocast_dtype == "auto":
             autocast_dtype = compute_dtype(model)
         self.fn = AdapterFn(model, params, readout, autocast_dtype=autocast_dtype)
+        self._map_checkpoints: list[str] = []  # the adapter checkpoints of the last fit_map (for fit)
         self.prior_precision = prior_precision
         if isinstance(method, str):
             if prior_precision is not None and accepts(method, "prior_precision"):
@@ -147,7 +148,7 @@ class BayesianLoRA:
             )
             val_loader = None
         if needs.checkpoints and checkpoints is None:
-            checkpoints = getattr(self, "_map_checkpoints", None) or None
+            checkpoints = self._map_checkpoints or None
         self.posterior.fit(self.fn, loader, val_loader=val_loader, checkpoints=checkpoints)
         return self
 
@@ -209,7 +210,7 @@ class BayesianLoRA:
                     "lora_tensors": self.params.lora_tensors,
                 },
                 "prior_precision": self.prior_precision,
-                "fitted_prior_precision": self._fitted_prior(),
+                "fitted_prior_precision": self.fitted_prior_precision(),
             }
             (tmp / _META).write_text(json.dumps(meta, indent=2) + "\n")
             _replace_dir(tmp, path)
@@ -342,7 +343,7 @@ class BayesianLoRA:
         bl._check_stored_values(state_file, state.get("values"))
         return bl
 
-    def _fitted_prior(self) -> list[float] | None:
+    def fitted_prior_precision(self) -> list[float] | None:
         """The posterior's fitted λ per layer (None for methods without one)."""
         try:
             if not isinstance(self.posterior, TunablePrior):

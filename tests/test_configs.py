@@ -3,9 +3,10 @@
 import pytest
 from omegaconf import OmegaConf
 
+from bayeslora.cli import GROUPS
 from bayeslora.config_check import check_run_config
 from bayeslora.posteriors import METHODS, Posterior, accepts, make_posterior, method_defaults
-from bayeslora.run import _instantiate, _method_options, _run_level_options, compose, config_dir
+from bayeslora.run import _instantiate, _run_level_options, compose, config_dir
 
 METHOD_FILES = sorted(p.stem for p in (config_dir() / "method").glob("*.yaml"))
 
@@ -41,7 +42,7 @@ def test_method_config_equals_the_python_defaults(method):
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_the_library_and_the_app_build_the_same_method(method):
     cfg = OmegaConf.to_container(compose(["experiment=smoke", f"method={method}"]), resolve=True)
-    from_app = make_posterior(method, **_method_options(cfg))
+    from_app = _instantiate(cfg["method"], **_run_level_options(cfg))  # what bayeslora-run builds
     from_python = make_posterior(method, **({"prior_precision": 1.0} if accepts(method, "prior_precision") else {}))
     node = compose([f"method={method}"]).method
     wired = {k for k in node if _wired(node, k)}
@@ -83,7 +84,6 @@ def test_config_rebuilds_an_equal_posterior(method):
     assert make_posterior(method, **config).config() == config
 
 
-GROUPS = ("model", "lora", "data", "method", "train", "experiment", "debug")
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((config_dir() / g).glob("*.yaml"))]
 
 

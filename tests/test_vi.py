@@ -12,7 +12,7 @@ from helpers import TokenDataset, linear_toy_fn, tiny_fn, token_batch
 from bayeslora.posteriors import METHODS, make_posterior
 from bayeslora.posteriors.vi import Variational
 from bayeslora.posteriors.vi_guides import flipout_hooks, is_spread_param, site_names
-from bayeslora.run import _method_options, compose
+from bayeslora.run import _instantiate, _run_level_options, compose
 
 NOISE, LAM = 0.5, 4.0  # observation std and prior precision of the conjugate toy
 
@@ -241,7 +241,8 @@ def test_hydra_method_configs_build_the_posterior(method):
     cfg = compose(["experiment=smoke", f"method={method}"])
     from omegaconf import OmegaConf
 
-    posterior = make_posterior(method, **_method_options(OmegaConf.to_container(cfg, resolve=True)))
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    posterior = _instantiate(plain["method"], **_run_level_options(plain))  # what bayeslora-run builds
     assert posterior.name == method and method in METHODS
     assert posterior.prior_precision == pytest.approx(float(cfg.prior_precision))
     assert math.isclose(posterior.prior_std, float(cfg.prior_precision) ** -0.5)

@@ -28,6 +28,7 @@ import torch
 
 from ..function import AdapterFn
 from ..predictive import Predictive
+from ..validate import is_int
 
 
 @dataclass(frozen=True)
@@ -117,9 +118,8 @@ def _load(target: str) -> Any:
 
 def registered_name(target: str, **fixed: Any) -> str:
     """The registry name of ``target`` with the fixed options ``fixed`` (the registry alone names methods)."""
-    for name, entry in METHODS.items():
-        t, f = (entry, {}) if isinstance(entry, str) else entry
-        if t == target and f == fixed:
+    for name in METHODS:
+        if _entry(name) == (target, fixed):
             return name
     raise ValueError(f"{target} with {fixed} is not a registered method; see bayeslora.posteriors.METHODS.")
 
@@ -195,7 +195,7 @@ def sample_count(method: str, n_samples: Any, default: int, *, mean: bool = True
     """
     if n_samples is None:
         return default
-    if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 0:
+    if not is_int(n_samples) or n_samples < 0:
         raise ValueError(
             f"n_samples: expected None (the default), 0 (posterior mean) or an int >= 1, got {n_samples!r}."
         )

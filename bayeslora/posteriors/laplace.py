@@ -29,7 +29,7 @@ from ..predictive import Predictive
 from ..validate import choice, positive_int
 from . import Needs, registered_name, require_fitted, sample_count
 from .kfac import KFAC_APPROX
-from .laplace_own import DEFAULT_SAMPLES, LaplaceSettings, OwnLaplace
+from .laplace_own import LaplaceSettings, OwnLaplace
 
 STRUCTURES = ("kron", "diag", "last_layer")
 PREDICTIVES = ("glm_probit", "glm_mc", "sampling")
@@ -211,7 +211,7 @@ class Laplace:
 
     # ------------------------------------------------------------------ prediction
     def _samples(self, n_samples: int | None) -> int:
-        return sample_count(self.name, n_samples, self.n_samples or DEFAULT_SAMPLES[self.predictive])
+        return sample_count(self.name, n_samples, self.settings().samples())
 
     def glm_moments(self, fn: AdapterFn, batch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """GLM predictive ``(f_μ [B, C] float32, f_Σ [B, C, C] float64)`` for one batch."""
