@@ -7,7 +7,9 @@ LoRA ``r`` on ``q_proj, v_proj`` by default; see :mod:`bayeslora.benchmarks.comm
 * ``laplace`` – K-FAC (exact GGN, MC Fisher) and diagonal Laplace: fit per batch, GLM probit / GLM MC /
   weight-sampling predictive per batch, persistent memory (bytes of the state dict);
 * ``vi`` – Pyro SVI step and sampling predictive; ``ensemble`` – time per member and predictive;
-* ``all`` – all four; ``scaling`` – curves vs sequence length, LoRA rank and adapted modules (``--plot``).
+* ``all`` – all four; ``scaling`` – curves vs sequence length, LoRA rank and adapted modules (``--plot``);
+* ``prefix`` – the frozen-prefix cache on a real model (``--model``, default SmolLM2-135M): train step, K-FAC fit and
+  GLM predictive with the full model vs the cached prefix, LoRA on the top k blocks (``--top-layers``), interleaved.
 
 Every run also measures the baseline (forward, functional forward, ``train_map`` step) that the
 ratios are relative to; ``--compare`` adds the peers in the same process (laplace-torch KronLaplace
@@ -29,7 +31,7 @@ from typing import Any
 
 SCHEMA = "bayeslora.bench/1"
 SUITES = ("train", "laplace", "vi", "ensemble")
-COMMANDS = (*SUITES, "all", "scaling")
+COMMANDS = (*SUITES, "all", "scaling", "prefix")
 ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SCALING_DEFAULTS = {"tiny": ([32, 64, 128], [2, 4, 8]), "gpu": ([128, 256, 512, 1024], [4, 8, 16, 32])}
 
@@ -82,6 +84,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--ranks", type=_ints, default=None, help="scaling: LoRA ranks")
     p.add_argument("--module-sets", type=lambda t: [_names(s) for s in t.split(";") if s.strip()],
                    default=None, help="scaling: ';'-separated comma lists of target modules")  # fmt: skip
+    p.add_argument("--model", default="smollm2-135m", help="prefix: the model (a bayeslora.models name)")
+    p.add_argument("--top-layers", type=_ints, default=[2, 4, 8], help="prefix: k of the top-k LoRA blocks")
     p.add_argument("--profile", type=int, default=0, help="add the top-N operators of one profiled call per timing")
     p.add_argument("--out", default=None, help="write the JSON here (atomically)")
     p.add_argument("--plot", default=None, help="scaling: write the PNG here")
@@ -141,6 +145,14 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
 
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device)
+    if opts.command == "prefix":
+        from .benchmarks.prefix import prefix_suite
+
+        report = {"schema": SCHEMA, "command": opts.command, "env": environment(device),
+                  "config": {k: v for k, v in vars(opts).items() if k not in ("out", "plot", "quiet")}}  # fmt: skip
+        report["results"] = {"prefix": prefix_suite(opts)}
+        report["env"]["max_rss_bytes"] = environment(device)["max_rss_bytes"]
+        return report
     base = build_base(opts.size, device, dtype, seed=opts.seed)
     fn = attach_lora(base, r=opts.lora_r, targets=opts.targets, num_classes=opts.num_classes, dtype=dtype,
                      seed=opts.seed)  # fmt: skip

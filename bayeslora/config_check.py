@@ -15,11 +15,13 @@ from typing import Any
 
 TOP_LEVEL = frozenset(
     {"model", "lora", "data", "method", "train", "params", "eval", "seed", "prior_precision", "device", "gpu_slots",
-     "dtype", "results_dir", "method_label", "run_name", "run_dir", "map_cache", "force", "hydra", "stages", "logger"}
+     "dtype", "results_dir", "method_label", "run_name", "run_dir", "map_cache", "force", "hydra", "stages", "logger",
+     "prefix_cache"}
 )  # fmt: skip
 DATA_KEYS = frozenset({"name", "task", "root", "max_length", "max_train", "max_eval", "val_size", "options", "answers"})
 MODEL_KEYS = frozenset({"name", "format", "lora_targets"})
 PARAMS_KEYS = frozenset({"include", "exclude", "include_head", "lora_tensors"})
+PREFIX_CACHE_KEYS = frozenset({"enabled", "dtype", "dir"})
 EVAL_KEYS = frozenset({"splits", "n_samples", "temperature_row", "reliability_diagram", "batch_size", "ood"})
 
 
@@ -37,6 +39,7 @@ def group_keys() -> dict[str, frozenset[str]]:
         "train": frozenset(train | {"batch_size"}),
         "params": PARAMS_KEYS,
         "eval": EVAL_KEYS,
+        "prefix_cache": PREFIX_CACHE_KEYS,
     }
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .params import AdapterParams
+from .prefix import PREFIX_KEY, FrozenPrefix
 from .readout import Readout
 
 
@@ -27,6 +28,10 @@ class AdapterFn:
         readout: maps the HF output to ``[B, C]`` logits.
         autocast_dtype: optional dtype for ``torch.autocast`` on CUDA (``torch.bfloat16`` for bf16 runs);
             ignored on CPU.
+
+    A batch carrying cached prefix states (``prefix_hidden``, from :func:`bayeslora.prefix.cache_loader`) runs only
+    the blocks above the frozen prefix (:attr:`prefix`, found from where the adapters sit; None when an adapter is
+    in block 0 or the embeddings).
     """
 
     def __init__(
@@ -42,6 +47,7 @@ class AdapterFn:
         self.params = params
         self.readout = readout
         self.autocast_dtype = autocast_dtype
+        self.prefix: FrozenPrefix | None = FrozenPrefix.of(model)
 
     @property
     def device(self) -> torch.device:
@@ -70,7 +76,7 @@ class AdapterFn:
         """Class logits ``[B, C]`` (float32) for ``batch`` under adapter ``values``."""
         batch = self.to_device(batch)
         inputs = self.readout.model_inputs(batch)
-        with self._autocast():
+        with self._autocast(), self._replay(batch):
             if values is None:
                 output = self.model(**inputs)
             else:
@@ -78,6 +84,17 @@ class AdapterFn:
                 values = {k: v.to(dev, non_blocking=True) for k, v in values.items()}
                 output = torch.func.functional_call(self.model, values, args=(), kwargs=inputs, strict=False)
             return self.readout(output, batch)
+
+    def _replay(self, batch: Mapping[str, torch.Tensor]):
+        hidden = batch.get(PREFIX_KEY)
+        if hidden is None:
+            return contextlib.nullcontext()
+        if self.prefix is None:
+            raise ValueError(
+                f"batch: carries '{PREFIX_KEY}' (cached prefix states) but this model's adapters start in block 0 or "
+                "the embeddings; use the uncached loader."
+            )
+        return self.prefix.replay(hidden)
 
     def labels(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The integer labels of a batch on the model's device."""

@@ -249,6 +249,9 @@ class LoraSpec:
         target_modules: module-name suffixes to adapt (None: q/v attention projections of the architecture).
         modules_to_save: extra modules trained in full (e.g. ``["classifier"]``); for ``seq_cls``
             peft adds the classification head automatically.
+        layers: the blocks to adapt (peft ``layers_to_transform``): None = all, an int k = the top k blocks, or a
+            list of block indices (negative ones count from the top). With the adapters in the top blocks only, the
+            blocks below are a frozen prefix that :mod:`bayeslora.prefix` computes once.
         seed: seeds the LoRA initialisation.
     """
 
@@ -257,6 +260,7 @@ class LoraSpec:
     dropout: float = 0.1
     target_modules: Sequence[str] | None = None
     modules_to_save: Sequence[str] | None = None
+    layers: int | Sequence[int] | None = None
     seed: int = 0
     extra: dict = field(default_factory=dict)
 
@@ -269,6 +273,37 @@ def default_targets(model: nn.Module) -> list[str]:
             "explicitly (e.g. ['q_proj', 'v_proj'])."
         )
     return list(_DEFAULT_TARGETS[model_type])
+
+
+def resolve_layers(layers: int | Sequence[int] | None, model: nn.Module) -> list[int] | None:
+    """``LoraSpec.layers`` as sorted block indices (None: every block).
+
+    Raises:
+        ValueError: k outside ``[1, number of blocks]``, or an index outside the model's blocks.
+    """
+    if layers is None:
+        return None
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n = getattr(text, "num_hidden_layers", None)
+    if n is None:
+        raise ValueError(f"layers: {type(model).__name__} has no config.num_hidden_layers; use layers=None.")
+    if isinstance(layers, bool) or not isinstance(layers, (int, Sequence)) or isinstance(layers, str):
+        raise ValueError(
+            f"layers: expected None, an int k (the top k blocks) or a list of block indices, got {layers!r}."
+        )
+    if isinstance(layers, int):
+        if not 1 <= layers <= n:
+            raise ValueError(f"layers: expected the number of top blocks to adapt in [1, {n}], got {layers}.")
+        return list(range(n - layers, n))
+    out = set()
+    for i in layers:
+        if isinstance(i, bool) or not isinstance(i, int) or not -n <= i < n:
+            raise ValueError(f"layers: expected block indices in [{-n}, {n - 1}] ({n} blocks), got {list(layers)}.")
+        out.add(i % n)
+    if not out:
+        raise ValueError("layers: expected at least one block index, got an empty list; use layers=None for all.")
+    return sorted(out)
 
 
 def add_lora(model: nn.Module, spec: LoraSpec | None = None, *, format: str = "seq_cls"):
@@ -290,7 +325,9 @@ def add_lora(model: nn.Module, spec: LoraSpec | None = None, *, format: str = "s
         raise ValueError(
             f"target_modules: {missing} match no module of {type(model).__name__}; linear layers available: {leaves}."
         )
+    layers = resolve_layers(spec.layers, model)
     config = LoraConfig(
+        layers_to_transform=layers,
         task_type=TaskType.SEQ_CLS if format == "seq_cls" else TaskType.CAUSAL_LM,
         r=int(spec.r),
         lora_alpha=float(spec.alpha),

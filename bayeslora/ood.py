@@ -194,16 +194,25 @@ def prepare_ood(
 
 
 def predict_ood(
-    bl, tokenizer, prepared: Mapping[str, tuple[Any, dict]], *, batch_size: int, n_samples: int | None = None, seed=0
+    bl,
+    tokenizer,
+    prepared: Mapping[str, tuple[Any, dict]],
+    *,
+    batch_size: int,
+    n_samples: int | None = None,
+    seed=0,
+    prepare_loader=None,
 ) -> tuple[dict[str, Predictions], dict[str, dict]]:
-    """Predict every prepared shifted set (:func:`prepare_ood`) with a fitted BayesianLoRA.
+    """Predict every prepared shifted set (:func:`prepare_ood`) with a fitted BayesianLoRA (``prepare_loader``:
+    applied to each set's loader first, e.g. the frozen-prefix cache).
 
     Returns:
         ``({name: Predictions}, {name: provenance})``.
     """
     preds = {}
     for name, (dataset, _) in progress_bar(prepared.items(), desc="OOD sets", total=len(prepared)):
-        preds[name] = bl.predictions(make_loader(dataset, tokenizer, batch_size=batch_size), n_samples, seed)
+        loader = make_loader(dataset, tokenizer, batch_size=batch_size)
+        preds[name] = bl.predictions(prepare_loader(loader) if prepare_loader else loader, n_samples, seed)
     return preds, {name: info for name, (_, info) in prepared.items()}
 
 

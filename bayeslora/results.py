@@ -66,6 +66,7 @@ RUNTIME_KEYS = frozenset(
         "method.chunk_size",  # examples per GLM forward: bounds memory, same numbers
         "eval.batch_size",  # padding only (attention masks make results equal up to float rounding)
         "eval.reliability_diagram",
+        "prefix_cache.dir",  # where the cached prefix states are kept (keyed by everything they depend on)
     }
 )
 # Keys that only act after the MAP adapter is trained (the MAP cache ignores them).

@@ -21,6 +21,7 @@ Parallel sweeps (joblib launcher): with ``device=auto`` and several GPUs each ru
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -198,6 +199,13 @@ def _execute(
         "validation": make_loader(task.validation, tokenizer, batch_size=eval_bs),
         "test": make_loader(task.test, tokenizer, batch_size=eval_bs),
     }
+    prepare = _prefix_cache(cfg, bl)
+    if prepare is not None:
+        t = time.perf_counter()
+        train_loader, loaders = prepare(train_loader), {k: prepare(v) for k, v in loaders.items()}
+        logger.info(
+            "%s: prefix states of %s cached in %.1f s", bl.fn.prefix, ["train", *loaders], time.perf_counter() - t
+        )
     timings: dict[str, float] = {"setup_s": time.perf_counter() - t0}
     sizes = (len(task.train), len(task.validation), len(task.test))
     logger.info("data: %s train / %s validation / %s test rows of %s (%s classes); setup %.1f s", *sizes,
@@ -233,8 +241,9 @@ def _execute(
     if ood_sets:
         t = time.perf_counter()
         ood_preds, ood_info = predict_ood(
-            bl, tokenizer, ood_sets, batch_size=eval_bs, n_samples=cfg["eval"]["n_samples"], seed=seed
-        )
+            bl, tokenizer, ood_sets, batch_size=eval_bs, n_samples=cfg["eval"]["n_samples"], seed=seed,
+            prepare_loader=prepare,
+        )  # fmt: skip
         timings["predict_ood_s"] = time.perf_counter() - t
 
     result = _record(cfg, task, map_info, preds)
@@ -301,6 +310,15 @@ def _build_model(cfg: Mapping[str, Any], task) -> BayesianLoRA:
     posterior = _instantiate(cfg["method"], **_run_level_options(cfg))  # the method group: the posterior
     lam = cfg["prior_precision"]
     return BayesianLoRA(peft_model, task.readout, posterior, params=cfg["params"], prior_precision=lam)
+
+
+def _prefix_cache(cfg: Mapping[str, Any], bl: BayesianLoRA):
+    """The loader wrapper of the frozen-prefix cache, or None (disabled, or an adapter sits in block 0)."""
+    pc = cfg["prefix_cache"]
+    if not pc["enabled"] or bl.fn.prefix is None:
+        return None
+    return functools.partial(bl.cache_prefix, dtype=pc["dtype"], store=pc["dir"], batch_size=cfg["eval"]["batch_size"],
+                             progress=bool(cfg["train"].get("progress")))  # fmt: skip
 
 
 def _instantiate(node: Mapping[str, Any], *args: Any, **kwargs: Any) -> Any:

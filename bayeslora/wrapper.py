@@ -115,6 +115,16 @@ class BayesianLoRA:
         return self.posterior.name
 
     # ------------------------------------------------------------------ fitting
+    def cache_prefix(
+        self, loader, *, dtype: str = "float16", store=None, batch_size: int | None = None, progress: bool = False
+    ):
+        """The same batches with the frozen prefix computed once (:func:`bayeslora.prefix.cache_loader`): with LoRA on
+        the top blocks only (``LoraSpec(layers=k)``), every later call (training, fit, prediction) runs only the
+        blocks above. ``store``: a directory that keeps the states for later runs (keyed, never stale)."""
+        from .prefix import cache_loader
+
+        return cache_loader(self.fn, loader, dtype=dtype, store=store, batch_size=batch_size, progress=progress)
+
     def fit_map(self, loader, config: TrainConfig | Mapping[str, Any] | None = None, callbacks=()) -> TrainResult:
         """Train the adapter to its MAP with :func:`~bayeslora.train.train_map` (``callbacks``: TrainCallbacks)."""
         if config is None or isinstance(config, Mapping):

@@ -63,13 +63,14 @@ def tiny_fn(
     seed: int = 0,
     target_modules=None,
     include_head: bool = True,
+    layers=None,
 ):
-    """A tiny LoRA'd model wrapped as an AdapterFn: kind 'bert' (seq_cls) or 'llama' (mc readout)."""
+    """A tiny LoRA'd model wrapped as an AdapterFn: kind 'bert' (seq_cls) or 'llama' (mc readout); ``layers``: the
+    blocks with LoRA (``LoraSpec.layers``)."""
     fmt = "seq_cls" if kind == "bert" else "mc"
     model, tok = load_model(f"tiny-{kind}", format=fmt, num_labels=num_classes, device="cpu", seed=seed)
-    peft_model = add_lora(
-        model, LoraSpec(r=r, alpha=2 * r, dropout=dropout, target_modules=target_modules, seed=seed), format=fmt
-    )
+    spec = LoraSpec(r=r, alpha=2 * r, dropout=dropout, target_modules=target_modules, seed=seed, layers=layers)
+    peft_model = add_lora(model, spec, format=fmt)
     params = AdapterParams(peft_model, include_head=include_head)
     if fmt == "seq_cls":
         readout = SequenceClassificationLogits(num_classes)
