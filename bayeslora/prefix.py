@@ -27,6 +27,7 @@ storage dtype, the readout's input convention and a digest of every token of the
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -41,6 +42,7 @@ from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampl
 from .fingerprint import base_fingerprint
 from .io import load_torch, save_torch
 from .progress import bar as progress_bar
+from .sweep import file_lock
 
 logger = logging.getLogger(__name__)
 
@@ -390,21 +392,21 @@ def cache_loader(
             "bayeslora.data.make_loader takes), got rows of type "
             f"{type(dataset[0]).__name__ if len(dataset) else 'none (empty)'}."
         )
-    path = None
-    if store is not None:
-        path = Path(store) / f"{cache_key(fn.prefix, dataset, dtype, fn.readout.config())}.pt"
-    if path is not None and path.is_file():
-        saved = load_torch(path)
-        states, offsets = saved["states"], saved["offsets"]
-        logger.info("prefix cache: %d rows read from %s", len(dataset), path)
+    compute = functools.partial(compute_states, fn, dataset, loader.collate_fn, dtype=dtype, progress=progress,
+                                batch_size=batch_size or loader.batch_size or 1)  # fmt: skip
+    if store is None:
+        states, offsets = compute()
     else:
-        states, offsets = compute_states(
-            fn, dataset, loader.collate_fn, batch_size=batch_size or loader.batch_size or 1, dtype=dtype,
-            progress=progress,
-        )  # fmt: skip
-        if path is not None:
-            save_torch({"states": states, "offsets": offsets}, path)
-            logger.info("prefix cache: %d rows (%.1f MB) written to %s", len(dataset), states.nbytes / 2**20, path)
+        path = Path(store) / f"{cache_key(fn.prefix, dataset, dtype, fn.readout.config())}.pt"
+        with file_lock(path.with_suffix(".lock")):  # concurrent runs of one sweep compute a split once
+            if path.is_file():
+                saved = load_torch(path)
+                states, offsets = saved["states"], saved["offsets"]
+                logger.info("prefix cache: %d rows read from %s", len(dataset), path)
+            else:
+                states, offsets = compute()
+                save_torch({"states": states, "offsets": offsets}, path)
+                logger.info("prefix cache: %d rows (%.1f MB) written to %s", len(dataset), states.nbytes / 2**20, path)
     cached = CachedDataset(dataset, states, offsets)
     generator, sampler = _same_order(loader, cached)
     return DataLoader(
