@@ -36,7 +36,7 @@ def group_keys() -> dict[str, frozenset[str]]:
         "model": MODEL_KEYS,
         "lora": frozenset(lora),
         "data": DATA_KEYS,
-        "train": frozenset(train | {"batch_size"}),
+        "train": frozenset(train | {"batch_size", "group_by_length"}),
         "params": PARAMS_KEYS,
         "eval": EVAL_KEYS,
         "prefix_cache": PREFIX_CACHE_KEYS,

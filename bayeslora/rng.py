@@ -38,15 +38,17 @@ def seed_from(generator: torch.Generator | None) -> int:
 
 @contextlib.contextmanager
 def seeded(loader: DataLoader, seed: int, device: torch.device) -> Iterator[None]:
-    """Seed dropout (a forked RNG) and the loader's shuffling for the duration; restore afterwards."""
+    """Seed dropout (a forked RNG) and the loader's shuffling (a ``RandomSampler`` or a length-grouped sampler:
+    any sampler drawing from a ``generator``) for the duration; restore afterwards."""
     sampler = getattr(loader, "sampler", None)
     sampler = getattr(sampler, "base", sampler)  # distributed.shard(): the global sampler behind the rank's share
-    old = sampler.generator if isinstance(sampler, RandomSampler) else None
+    shuffles = isinstance(sampler, RandomSampler) or isinstance(getattr(sampler, "generator", None), torch.Generator)
+    old = sampler.generator if shuffles else None
     with forked(device, seed):
-        if isinstance(sampler, RandomSampler):
+        if shuffles:
             sampler.generator = torch.Generator().manual_seed(seed)
         try:
             yield
         finally:
-            if isinstance(sampler, RandomSampler):
+            if shuffles:
                 sampler.generator = old

@@ -81,7 +81,8 @@ def _train_config(cfg: Mapping[str, Any], checkpoint_dir: Path, steps_per_epoch:
     """The MAP TrainConfig; checkpoints are saved once per epoch unless ``train.checkpoint_every`` says otherwise
     (they feed the checkpoint ensemble and cost one adapter-sized file each)."""
     t = dict(cfg["train"])
-    t.pop("batch_size")
+    t.pop("batch_size")  # the loader's options
+    t.pop("group_by_length", None)
     t["checkpoint_every"] = t.get("checkpoint_every") or max(1, steps_per_epoch // int(t.get("grad_accum", 1)))
     t["checkpoint_dir"] = str(checkpoint_dir)
     return TrainConfig(**t, seed=int(cfg["seed"]), prior_precision=float(cfg["prior_precision"]))
@@ -193,7 +194,9 @@ def _execute(
     task = _build_task(cfg, tokenizer)
     ood_sets = _prepare_ood(cfg, tokenizer, task)
     bl = _build_model(cfg, task)
-    train_loader = make_loader(task.train, tokenizer, batch_size=cfg["train"]["batch_size"], shuffle=True, seed=seed)
+    tcfg = cfg["train"]
+    train_loader = make_loader(task.train, tokenizer, batch_size=tcfg["batch_size"], shuffle=True, seed=seed,
+                               group_by_length=bool(tcfg.get("group_by_length")))  # fmt: skip
     eval_bs = cfg["eval"]["batch_size"]
     loaders = {
         "validation": make_loader(task.validation, tokenizer, batch_size=eval_bs),

@@ -268,6 +268,32 @@ def test_make_loader_shuffle_is_seeded_and_leaves_the_global_rng(tok, root):
     assert torch.equal(state, torch.get_rng_state())
 
 
+def test_group_by_length_cuts_padding_keeps_every_row_and_reshuffles(tok, root):
+    from bayeslora.data.collate import padding_fraction
+    from bayeslora.rng import seeded
+
+    td = build_task("openbookqa", tok, root=root, format="mc")
+    plain = make_loader(td.train, tok, batch_size=8, shuffle=True, seed=3)
+    grouped = make_loader(td.train, tok, batch_size=8, shuffle=True, seed=3, group_by_length=True)
+    assert padding_fraction(grouped) < 0.5 * padding_fraction(plain)
+    grouped = make_loader(td.train, tok, batch_size=8, shuffle=True, seed=3, group_by_length=True)
+
+    def epoch(loader):
+        return [tuple(row[row != tok.pad_token_id].tolist()) for b in loader for row in b["input_ids"]]
+
+    first, second = epoch(grouped), epoch(grouped)
+    assert sorted(first) == sorted(second) == sorted(tuple(x) for x in td.train["input_ids"])
+    assert first != second  # a new permutation every epoch
+    again = make_loader(td.train, tok, batch_size=8, shuffle=True, seed=3, group_by_length=True)
+    assert epoch(again) == first  # seeded
+    with seeded(again, 11, torch.device("cpu")):  # train_map seeds the order through the sampler's generator
+        seeded_order = epoch(again)
+    with seeded(grouped, 11, torch.device("cpu")):
+        assert epoch(grouped) == seeded_order != first
+    with pytest.raises(ValueError, match="group_by_length"):
+        make_loader(td.train, tok, batch_size=8, group_by_length=True)
+
+
 def test_make_loader_pads_with_eos_without_a_pad_token_and_checks_arguments(tok):
     class NoPad:
         pad_token_id = None

@@ -86,6 +86,7 @@ def make_loader(
     shuffle: bool = False,
     seed: int = 0,
     padding_side: str | None = None,
+    group_by_length: bool = False,
 ) -> DataLoader:
     """A DataLoader over a tokenized split.
 
@@ -99,6 +100,9 @@ def make_loader(
         seed: seed of the shuffling generator.
         padding_side: ``"left"`` or ``"right"``; default from the dataset's format (``mc`` -> left, so the answer
             position is the last column; ``seq_cls`` -> right), else the tokenizer's ``padding_side``.
+        group_by_length: with ``shuffle``, batches of rows of similar length (transformers' ``LengthGroupedSampler``:
+            a seeded permutation, sorted by length within mega-batches of 50 batches), so less compute goes to
+            padding; the batches are still reshuffled every epoch.
 
     Returns:
         A DataLoader yielding ``{input_ids [B, L], attention_mask [B, L], (token_type_ids [B, L]), labels [B]}``
@@ -115,9 +119,38 @@ def make_loader(
     collate = PadCollator(pad_token_id(tokenizer), side)
     # always a private generator: DataLoader draws a base seed per epoch, from the global RNG if given none
     generator = torch.Generator().manual_seed(int(seed))
+    if group_by_length:
+        if not shuffle:
+            raise ValueError(
+                "group_by_length: groups the rows of a shuffled (training) loader; pass shuffle=True, or drop "
+                "group_by_length for an evaluation loader (its order is the split's)."
+            )
+        from transformers.trainer_pt_utils import LengthGroupedSampler
+
+        sampler = LengthGroupedSampler(int(batch_size), lengths=row_lengths(dataset), generator=generator)
+        return DataLoader(dataset, batch_size=int(batch_size), sampler=sampler, generator=generator, collate_fn=collate)
     return DataLoader(
         dataset, batch_size=int(batch_size), shuffle=bool(shuffle), generator=generator, collate_fn=collate
     )
+
+
+def row_lengths(dataset: Any) -> list[int]:
+    """The token count of every row (``input_ids``)."""
+    column = dataset["input_ids"] if hasattr(dataset, "column_names") else None
+    if column is not None:
+        return [len(ids) for ids in column]
+    return [len(dataset[i]["input_ids"]) for i in range(len(dataset))]
+
+
+def padding_fraction(loader: DataLoader, epochs: int = 1) -> float:
+    """The fraction of the positions of a loader's batches that are padding (over ``epochs`` passes)."""
+    pad = total = 0
+    for _ in range(epochs):
+        for batch in loader:
+            mask = batch["attention_mask"]
+            pad += int((mask == 0).sum())
+            total += mask.numel()
+    return pad / max(total, 1)
 
 
 def dataset_size(loader: DataLoader) -> int:
