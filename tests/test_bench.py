@@ -103,3 +103,19 @@ def test_bench_rejects_bad_arguments():
     for bad in (["nope"], ["train", "--repeats", "0"], ["train", "--size", "13b"], ["scaling", "--ranks", "a,b"]):
         with pytest.raises(SystemExit):
             p.parse_args(bad)
+
+
+def test_bench_prefix_times_full_and_cached_and_checks_exactness(tmp_path):
+    out = tmp_path / "prefix.json"
+    report = main(["prefix", "--model", "tiny-llama", "--top-layers", "1", "--batch-size", "4", "--seq-len", "16",
+                   "--steps", "2", "--repeats", "1", "--warmup", "0", "--num-classes", "4", "--quiet",
+                   "--out", str(out)])  # fmt: skip
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    entry = report["results"]["prefix"]["top_1"]
+    for op in ("forward", "train_step", "kfac_fit", "glm"):
+        for path in ("full", "cached"):
+            assert entry[f"{op}_{path}"]["median_s"] > 0
+        assert entry["speedup"][op] > 0
+    assert entry["max_abs_logit_diff"]["float32"] <= 1e-5 < entry["max_abs_logit"]
+    assert entry["max_abs_logit_diff"]["float16"] <= 1e-2
+    assert entry["expected_speedup"]["forward"] == 2.0
