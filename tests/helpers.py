@@ -111,8 +111,9 @@ class LinearToy(torch.nn.Module):
         return SequenceClassifierOutput(logits=self.head(pooled))
 
 
-def linear_toy_fn(num_classes: int = 2, r: int = 2, seed: int = 0, lora_tensors=("B",)):
-    """A LoRA'd :class:`LinearToy` as an AdapterFn (LoRA A random-initialised and fixed unless selected)."""
+def linear_toy_fn(num_classes: int = 2, r: int = 2, seed: int = 0, lora_tensors=("B",), readout=None):
+    """A LoRA'd :class:`LinearToy` as an AdapterFn (LoRA A random-initialised and fixed unless selected; ``readout``:
+    default class logits of ``num_classes``)."""
     from peft import LoraConfig, get_peft_model
 
     with torch.random.fork_rng(devices=[]):
@@ -121,7 +122,8 @@ def linear_toy_fn(num_classes: int = 2, r: int = 2, seed: int = 0, lora_tensors=
             LinearToy(num_classes=num_classes, seed=seed),
             LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=["head"]),
         )
-    return AdapterFn(model, AdapterParams(model, lora_tensors=lora_tensors), SequenceClassificationLogits(num_classes))
+    readout = SequenceClassificationLogits(num_classes) if readout is None else readout
+    return AdapterFn(model, AdapterParams(model, lora_tensors=lora_tensors), readout)
 
 
 def token_batch(n: int, seed: int = 0, vocab: int = 64, length: int = 5) -> dict[str, torch.Tensor]:
