@@ -38,6 +38,8 @@ from .progress import bar as progress_bar
 
 ECE_BINS = 15
 COVERAGE_LEVELS = (0.5, 0.9, 0.95)
+CLASSIFICATION_KEYS = ("acc", "ece", "nll", "brier", "aurc")  # what classification_metrics returns
+REGRESSION_KEYS = ("nll", "rmse", "cov50", "cov90", "cov95", "rce")  # what regression_metrics returns
 CALIBRATION_LEVELS = tuple(round(0.05 * k, 2) for k in range(1, 20))
 
 

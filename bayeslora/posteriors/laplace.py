@@ -69,7 +69,8 @@ class Laplace:
         kfac_approx: ``"reduce"`` (sequence-level loss, default) or ``"expand"`` (laplace-torch's default).
         rank: eigenpairs kept for a low-rank Kronecker side (None: always full).
         lowrank_threshold: Kronecker sides with at least this many rows are low-rank.
-        predictive: ``"glm_probit"`` (default), ``"glm_mc"`` (MC in logit space) or ``"sampling"`` (weights).
+        predictive: ``"glm_probit"`` (default), ``"glm_mc"`` (MC in logit space) or ``"sampling"`` (weights). For a
+            Gaussian (regression) readout both GLM options give the exact ``N(f_MAP, J Σ Jᵀ + σ²)``.
         n_samples: default samples (None: 1000 for glm_mc, 32 for sampling).
         prior_precision: λ, the fixed prior precision or the starting point of its fit.
         prior_fit: ``"none"``, ``"marglik"`` or ``"val_nll"`` (needs ``val_loader``).
