@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, Dataset
 from bayeslora.function import AdapterFn
 from bayeslora.models import LoraSpec, add_lora, load_model
 from bayeslora.params import AdapterParams
-from bayeslora.readout import AnswerTokenLogits, SequenceClassificationLogits
+from bayeslora.readout import AnswerTokenLogits, SequenceClassificationLogits, SequenceRegression
 
 
 class TokenDataset(Dataset):
@@ -55,6 +55,20 @@ class TokenDataset(Dataset):
         return DataLoader(self, batch_size=batch_size, shuffle=shuffle, collate_fn=self.collate, generator=g)
 
 
+class RegressionTokens(TokenDataset):
+    """:class:`TokenDataset` with a real target ``[B, 1]``: the fraction of 'marker' tokens, centred."""
+
+    def __init__(self, n: int, **kwargs):
+        super().__init__(n, **kwargs)
+        vocab, offset = kwargs.get("vocab", 200), kwargs.get("offset", 1000)
+        self.items = [(ids, float((ids < offset + vocab // 2).double().mean()) - 0.5) for ids, _ in self.items]
+
+    def collate(self, rows):
+        batch = super().collate([(x, 0) for x, _ in rows])
+        batch["labels"] = torch.tensor([[y] for _, y in rows])
+        return batch
+
+
 def tiny_fn(
     kind: str = "bert",
     num_classes: int = 2,
@@ -63,15 +77,21 @@ def tiny_fn(
     seed: int = 0,
     target_modules=None,
     include_head: bool = True,
+    noise_std: float | None = None,
 ):
-    """A tiny LoRA'd model wrapped as an AdapterFn: kind 'bert' (seq_cls) or 'llama' (mc readout)."""
+    """A tiny LoRA'd model wrapped as an AdapterFn: kind 'bert' (seq_cls) or 'llama' (mc readout); ``noise_std``: a
+    one-output bert regression (SequenceRegression) instead."""
+    if noise_std is not None:
+        num_classes = 1
     fmt = "seq_cls" if kind == "bert" else "mc"
     model, tok = load_model(f"tiny-{kind}", format=fmt, num_labels=num_classes, device="cpu", seed=seed)
     peft_model = add_lora(
         model, LoraSpec(r=r, alpha=2 * r, dropout=dropout, target_modules=target_modules, seed=seed), format=fmt
     )
     params = AdapterParams(peft_model, include_head=include_head)
-    if fmt == "seq_cls":
+    if noise_std is not None:
+        readout = SequenceRegression(noise_std)
+    elif fmt == "seq_cls":
         readout = SequenceClassificationLogits(num_classes)
     else:
         readout = AnswerTokenLogits.from_tokenizer(tok, "ABCDEFGH"[:num_classes])
