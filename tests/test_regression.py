@@ -219,3 +219,27 @@ def test_noise_fit_is_the_maximum_likelihood_std():
     assert fn.likelihood.noise_std == sigma and fn.readout.config()["noise_std"] == sigma
     nll = [Gaussian(s).nll(fn(None, train).detach(), train["labels"]).item() for s in (0.9 * sigma, sigma, sigma / 0.9)]
     assert nll[1] < nll[0] and nll[1] < nll[2]
+
+
+def test_meanfield_vi_on_the_regression_readout_reaches_the_conjugate_meanfield_optimum():
+    """VI takes σ from the readout's Gaussian likelihood (no override): on the conjugate toy the mean-field optimum is
+    the posterior mean with variances 1 / diag(Σ⁻¹)."""
+    from bayeslora.posteriors.vi import Variational
+
+    fn = regression_toy()
+    n, steps = 64, 1500
+    train = {**token_batch(n, seed=0), "labels": targets(n, 1)}
+    mu, cov = conjugate(fn, train)
+    vi = Variational("meanfield", steps=steps, lr=0.05, scale_lr=None, prior_precision=LAM, init_scale=1e-2,
+                     progress=False, num_particles=2)  # fmt: skip
+    vi.bind(fn, n, total_steps=steps)
+    for _ in range(steps):
+        vi.step(fn, train)
+    site = vi.model.sites[fn.params.names[0]]
+    with vi.param_store():
+        loc, scale = vi.guide._get_loc_and_scale(site)
+    mf_sd = torch.linalg.inv(cov).diagonal().rsqrt()
+    assert float(((loc.detach().reshape(-1).double() - mu) / mf_sd).abs().max()) < 0.25
+    torch.testing.assert_close(scale.detach().reshape(-1).double(), mf_sd, rtol=0.12, atol=0)
+    pred = vi.predict(fn, train, n_samples=64, generator=torch.Generator().manual_seed(0))
+    assert pred.likelihood.noise_std == SIGMA and not pred.is_categorical
