@@ -172,8 +172,32 @@ def regression_metrics(log_density: torch.Tensor, mean: torch.Tensor, pit: torch
     return out
 
 
+class _Record:
+    """What the per-example records share: concatenation over batches and the saved state (their tensor fields
+    ``TENSOR_FIELDS``, ``has_epistemic`` and, but for the classification record, their ``kind``)."""
+
+    KIND: str | None = None
+    TENSOR_FIELDS: tuple[str, ...] = ()
+
+    @classmethod
+    def cat(cls, parts: Iterable):
+        parts = list(parts)
+        if not parts:
+            raise ValueError("parts: expected at least one batch of predictions; the evaluation loader was empty.")
+        tensors = {k: torch.cat([getattr(p, k) for p in parts]) for k in cls.TENSOR_FIELDS}
+        return cls(**tensors, has_epistemic=all(p.has_epistemic for p in parts))
+
+    def state_dict(self) -> dict:
+        state = {**{k: getattr(self, k) for k in self.TENSOR_FIELDS}, "has_epistemic": self.has_epistemic}
+        return state if self.KIND is None else {**state, "kind": self.KIND}
+
+    @classmethod
+    def _from_state(cls, state: Mapping):
+        return cls(**{k: state[k] for k in cls.TENSOR_FIELDS}, has_epistemic=bool(state.get("has_epistemic", True)))
+
+
 @dataclass
-class Predictions:
+class Predictions(_Record):
     """Per-example predictions of one method on one split (saved so tables can be recomputed).
 
     Attributes:
@@ -205,26 +229,15 @@ class Predictions:
             has_epistemic=pred.has_epistemic,
         )
 
-    @classmethod
-    def cat(cls, parts: Iterable[Predictions]) -> Predictions:
-        parts = list(parts)
-        if not parts:
-            raise ValueError("parts: expected at least one batch of predictions; the evaluation loader was empty.")
-        tensors = {k: torch.cat([getattr(p, k) for p in parts]) for k in _TENSOR_FIELDS}
-        return cls(**tensors, has_epistemic=all(p.has_epistemic for p in parts))
-
     def metrics(self, n_bins: int = ECE_BINS) -> dict[str, float]:
         return classification_metrics(self.log_probs, self.labels, n_bins=n_bins)
 
-    def state_dict(self) -> dict:
-        return {**{k: getattr(self, k) for k in self.TENSOR_FIELDS}, "has_epistemic": self.has_epistemic}
-
     @classmethod
-    def from_state_dict(cls, state: Mapping) -> Predictions:
+    def from_state_dict(cls, state: Mapping) -> Predictions | RegressionPredictions:
         """Rebuild saved predictions (a :class:`RegressionPredictions` state rebuilds that record)."""
         if state.get("kind") == RegressionPredictions.KIND:
             return RegressionPredictions.from_state_dict(state)
-        return cls(**{k: state[k] for k in cls.TENSOR_FIELDS}, has_epistemic=bool(state.get("has_epistemic", True)))
+        return cls._from_state(state)
 
 
 _TENSOR_FIELDS = ("log_probs", "labels", "mean_logits", "entropy", "mutual_information")
@@ -232,7 +245,7 @@ Predictions.TENSOR_FIELDS = _TENSOR_FIELDS
 
 
 @dataclass
-class RegressionPredictions:
+class RegressionPredictions(_Record):
     """Per-example predictions of a regression posterior (a Gaussian likelihood) on one split.
 
     Attributes:
@@ -269,25 +282,13 @@ class RegressionPredictions:
             has_epistemic=pred.has_epistemic,
         )
 
-    @classmethod
-    def cat(cls, parts: Iterable[RegressionPredictions]) -> RegressionPredictions:
-        parts = list(parts)
-        if not parts:
-            raise ValueError("parts: expected at least one batch of predictions; the evaluation loader was empty.")
-        tensors = {k: torch.cat([getattr(p, k) for p in parts]) for k in cls.TENSOR_FIELDS}
-        return cls(**tensors, has_epistemic=all(p.has_epistemic for p in parts))
-
     def metrics(self, n_bins: int = ECE_BINS) -> dict[str, float]:
         """:func:`regression_metrics` (``n_bins`` is the classification metrics' and unused here)."""
         return regression_metrics(self.log_density, self.mean, self.pit, self.labels)
 
-    def state_dict(self) -> dict:
-        tensors = {k: getattr(self, k) for k in self.TENSOR_FIELDS}
-        return {**tensors, "has_epistemic": self.has_epistemic, "kind": self.KIND}
-
     @classmethod
     def from_state_dict(cls, state: Mapping) -> RegressionPredictions:
-        return cls(**{k: state[k] for k in cls.TENSOR_FIELDS}, has_epistemic=bool(state.get("has_epistemic", True)))
+        return cls._from_state(state)
 
 
 def predictions_from_predictive(pred: Predictive, labels: torch.Tensor) -> Predictions | RegressionPredictions:
