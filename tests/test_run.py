@@ -371,3 +371,7 @@ def test_regression_run_writes_regression_metrics(tmp_path, method):
     assert "RMSE" in format_table(stored) and "ACC" not in format_table(stored)
     tables = make_tables(tmp_path / "results")
     assert "RMSE" in tables["md"] and "ACC" not in tables["md"] and "ECE" not in tables["md"]
+    from bayeslora.figures import make_figures
+
+    with pytest.raises(ValueError, match="regression runs have no reliability figures"):
+        make_figures(tmp_path / "results", tmp_path / "figures")
