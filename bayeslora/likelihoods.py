@@ -164,10 +164,14 @@ class Gaussian:
         """Mean of the mixture ``[B, O]``: ``(1/S) Σ_s f_s`` (float64)."""
         return samples.double().mean(0)
 
+    def epistemic_variance(self, samples: torch.Tensor, variance: torch.Tensor | None = None) -> torch.Tensor:
+        """The function-space part of the variance ``[B, O]``: ``v + (1/S) Σ_s (f_s − f̄)²`` (float64)."""
+        spread = samples.double().var(0, correction=0)
+        return spread if variance is None else spread + variance.double().clamp_min(0.0)
+
     def predictive_variance(self, samples: torch.Tensor, variance: torch.Tensor | None = None) -> torch.Tensor:
         """Variance of the mixture ``[B, O]``: ``σ² + v + (1/S) Σ_s (f_s − f̄)²`` (float64)."""
-        spread = samples.double().var(0, correction=0)
-        return self._component_std(samples, variance).square() + spread
+        return self.noise_std**2 + self.epistemic_variance(samples, variance)
 
     def predictive_log_density(
         self, samples: torch.Tensor, variance: torch.Tensor | None, labels: torch.Tensor

@@ -17,7 +17,8 @@ predictive is the mixture ``(1/S) Σ_s N(f_s, σ² + v)`` of :mod:`bayeslora.lik
 optional closed-form function-space variance ``v [B, O]`` (the GLM Laplace predictive: one sample ``f_MAP`` and
 ``v = diag(J Σ Jᵀ)``); :meth:`Predictive.mean`, :meth:`~Predictive.predictive_variance`,
 :meth:`~Predictive.log_likelihood`, :meth:`~Predictive.cdf` and :meth:`~Predictive.quantile` come from the
-likelihood, and the epistemic score is the function-space variance ``Var_s f_s + v`` (summed over outputs).
+likelihood, and its epistemic part is the function-space variance ``Var_s f_s + v``
+(:attr:`~Predictive.epistemic_variance`; the mutual information is a classification quantity).
 """
 
 from __future__ import annotations
@@ -33,12 +34,16 @@ from .likelihoods import Categorical, Likelihood
 
 @dataclass(frozen=True, repr=False)
 class Predictive:
-    """Logit samples ``[S, B, C]`` and the quantities derived from them.
+    """Output samples ``[S, B, C]`` (class logits, or regression outputs ``[S, B, O]``) and the quantities derived
+    from them.
 
     Attributes:
-        logits: class-logit samples ``[S, B, C]``.
+        logits: class-logit samples ``[S, B, C]`` (for a Gaussian likelihood: samples of ``f`` ``[S, B, O]``).
         epistemic: optional per-example epistemic score ``[B]`` (mutual information) of a closed-form predictive
             whose uncertainty is not in its samples (the GLM probit's one adjusted-logit sample).
+        likelihood: how the samples explain the labels (None: categorical, the samples are class logits).
+        variance: a Gaussian likelihood's closed-form function-space variance ``[B, O]`` shared by the mixture
+            components (the GLM Laplace predictive), or None.
     """
 
     logits: torch.Tensor
@@ -139,8 +144,7 @@ class Predictive:
     def epistemic_variance(self) -> torch.Tensor:
         """The function-space variance ``Var_s f_s + v`` ``[B, O]`` (float64; 0 for a point predictor)."""
         self._require("epistemic_variance", categorical=False)
-        spread = self.logits.double().var(0, correction=0)
-        return spread if self.variance is None else spread + self.variance.double()
+        return self.likelihood.epistemic_variance(self.logits, self.variance)
 
     def cdf(self, values: torch.Tensor) -> torch.Tensor:
         """The marginal predictive CDF at ``values [B, O]`` ``[B, O]`` (at the labels: the PIT values)."""

@@ -96,7 +96,9 @@ class SequenceRegression:
         noise: ``"fixed"`` (σ = ``noise_std`` throughout) or ``"fit"``: after the MAP training, σ is set to its
             maximum-likelihood value on the training residuals, ``σ̂² = mean_n (y_n − f_MAP(x_n))²``
             (:func:`bayeslora.train.fit_noise_std`, called by :meth:`BayesianLoRA.fit_map` and ``bayeslora-run``);
-            the MAP itself is trained with the initial σ, and every posterior then uses σ̂.
+            the MAP itself is trained with the initial σ, and everything after the fit uses σ̂ (the Laplace
+            curvature and evidence, the VI likelihood, the predictive, and the training of further ensemble members,
+            whose data term is then scaled by 1/σ̂² against the prior where the MAP's was by 1/σ²).
     """
 
     num_classes = 1
