@@ -2,7 +2,7 @@
 
 Public API::
 
-    from bayeslora import BayesianLoRA, AnswerTokenLogits, SequenceClassificationLogits
+    from bayeslora import BayesianLoRA, AnswerTokenLogits, SequenceClassificationLogits, SequenceRegression
 """
 
 import warnings
@@ -16,6 +16,8 @@ warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprec
 _WHERE = {
     "AdapterFn": "function",
     "Predictions": "metrics",
+    "RegressionPredictions": "metrics",
+    "regression_metrics": "metrics",
     "accuracy": "metrics",
     "aurc": "metrics",
     "brier": "metrics",
@@ -35,6 +37,7 @@ _WHERE = {
     "AnswerTokenLogits": "readout",
     "Readout": "readout",
     "SequenceClassificationLogits": "readout",
+    "SequenceRegression": "readout",
     "TrainConfig": "train",
     "TrainResult": "train",
     "train_map": "train",
@@ -58,7 +61,9 @@ __all__ = [
     "Predictions",
     "Predictive",
     "Readout",
+    "RegressionPredictions",
     "SequenceClassificationLogits",
+    "SequenceRegression",
     "TrainConfig",
     "TrainResult",
     "__version__",
@@ -73,5 +78,6 @@ __all__ = [
     "make_posterior",
     "nll",
     "ood_auroc",
+    "regression_metrics",
     "train_map",
 ]

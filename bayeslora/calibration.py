@@ -33,6 +33,23 @@ class TemperatureBoundWarning(RuntimeWarning):
     """The fitted temperature sits at a bound of :data:`TEMPERATURE_BOUNDS`."""
 
 
+def require_categorical(likelihood, where: str) -> None:
+    """Temperature scaling rescales class logits; a regression likelihood gets a clear error naming the alternative.
+
+    Args:
+        likelihood: a :class:`~bayeslora.likelihoods.Likelihood` or anything with one (an AdapterFn).
+        where: names the caller in the error.
+    """
+    name = getattr(getattr(likelihood, "likelihood", likelihood), "name", None)
+    if name != "categorical":
+        raise ValueError(
+            f"{where}: temperature scaling is defined for class logits (a categorical likelihood); this readout's "
+            f"likelihood is {name!r}. For regression, fit the observation noise instead (SequenceRegression("
+            "noise='fit'), data.noise=fit: σ by maximum likelihood on the training residuals), and leave "
+            "eval.temperature_row off."
+        )
+
+
 def _nll(log_probs: torch.Tensor, labels: torch.Tensor, log_t: float) -> float:
     scaled = torch.log_softmax(log_probs / math.exp(log_t), dim=-1)
     return float(-scaled.gather(1, labels[:, None]).mean())

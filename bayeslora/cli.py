@@ -10,7 +10,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-METRIC_NAMES = ("acc", "ece", "nll", "brier", "aurc", "auroc_entropy", "auroc_mi")  # = bayeslora.tables.METRICS
+METRIC_NAMES = (  # = bayeslora.tables.METRICS
+    "acc", "ece", "nll", "brier", "aurc", "auroc_entropy", "auroc_mi", "rmse", "cov50", "cov90", "cov95", "rce"
+)  # fmt: skip
 GROUPS = ("model", "lora", "data", "method", "train", "experiment", "debug", "logger")
 HELP_FLAGS = ("--help", "-h")
 
@@ -32,7 +34,8 @@ def run_help() -> str:
     """The text of ``bayeslora-run --help``."""
     groups = "\n".join(f"  {g:<11} {', '.join(_options(g))}" for g in GROUPS)
     return f"""bayeslora-run: fine-tune a model with LoRA, fit a posterior over the adapter, and score its predictive
-(ACC / ECE / NLL / Brier / AURC, OOD detection) into results_dir/<data>/<model>/<method>/<setting id>/seed_<k>/.
+(ACC / ECE / NLL / Brier / AURC, OOD detection; a regression: NLL / RMSE / interval coverage / calibration error)
+into results_dir/<data>/<model>/<method>/<setting id>/seed_<k>/.
 
 usage: bayeslora-run [GROUP=OPTION ...] [KEY=VALUE ...]          one run
        bayeslora-run -m [GROUP=A,B ...] [KEY=V1,V2 ...]           a sweep (resumable; hydra/launcher=parallel)

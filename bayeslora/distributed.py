@@ -249,14 +249,12 @@ def gather_predictions(predictions):
     """
     if world().size == 1:
         return predictions
-    from .metrics import _TENSOR_FIELDS, Predictions
-
     fields = {}
-    for k in _TENSOR_FIELDS:
+    for k in predictions.TENSOR_FIELDS:
         local = getattr(predictions, k)
         gathered = all_gather_cat(local.to(_comm_device()))
         fields[k] = interleave(gathered).to(local.device)
-    return Predictions(**fields)
+    return type(predictions)(**fields)
 
 
 def _comm_device() -> torch.device:

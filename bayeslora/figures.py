@@ -103,13 +103,15 @@ def make_figures(
     prefix: str = "table",
     columns: Sequence[str] | None = None,
 ) -> list[Path]:
-    """Write the reliability and risk–coverage figures of a results directory; returns the written paths.
+    """Write the reliability and risk–coverage figures of a results directory; returns the written paths
+    (classification runs only: a regression run has no class confidences).
 
     ``columns``: only the figures of these table columns (datasets, or OOD sets in the ``ood`` layout)."""
     runs = select(collect(results_dir), model=model, data=data, where=str(results_dir))
     groups: dict[str, list[RunRecord]] = defaultdict(list)
     for run in runs:
-        groups[run.data].append(run)
+        if run.rmse is None:  # reliability and risk–coverage are figures of class predictives, not of a regression
+            groups[run.data].append(run)
     written = []
     for name, group in groups.items():
         keys = [(split, name)] if layout == "ood" or columns is None or name in columns else []
@@ -125,5 +127,8 @@ def make_figures(
             written.append(reliability_grid(preds, out / f"{prefix}_reliability_{_slug(tag)}.png", title=title))
             written.append(risk_coverage_plot(preds, out / f"{prefix}_risk_coverage_{_slug(tag)}.png", title=title))
     if not written:
-        raise ValueError(f"split: no predictions.pt holds split {split!r} under {str(results_dir)!r}.")
+        raise ValueError(
+            f"split: no classification run's predictions.pt holds split {split!r} under {str(results_dir)!r} "
+            "(regression runs have no reliability figures)."
+        )
     return written

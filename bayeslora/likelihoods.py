@@ -16,10 +16,22 @@ Fisher sampling (:func:`~bayeslora.posteriors.kfac.fit_curvature`), and the Pyro
 :class:`Categorical` is the classification case (labels ``[B]`` in ``[0, C)``); :class:`Gaussian` is regression
 on targets ``[B, O]`` with a fixed observation std (then the GGN is ``JᵀJ / σ²``). A token-level likelihood (labels
 ``[B, T]`` with an ignore index) is the next case of the same interface.
+
+**The predictive distribution** of a :class:`~bayeslora.predictive.Predictive` comes from its likelihood too: the
+model average of the observation over the output samples ``f_s``. For the categorical likelihood that is the BMA
+of the softmax (in :class:`~bayeslora.predictive.Predictive`); for the Gaussian it is the mixture
+
+    p(y | x) = (1/S) Σ_s N(y; f_s, σ² + v),
+
+where ``v [B, O]`` is an optional closed-form function-space variance shared by the components (the GLM Laplace
+predictive is one component, ``f_MAP`` with ``v = diag(J Σ Jᵀ)``: the exact ``N(f_MAP, J Σ Jᵀ + σ²)``). Its mean,
+variance, log-density, CDF and quantiles are :meth:`Gaussian.predictive_mean` … :meth:`Gaussian.predictive_quantile`
+(the one place these Gaussian formulas live).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, Protocol, runtime_checkable
 
@@ -99,6 +111,8 @@ class Gaussian:
 
     def _targets(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         y = labels.to(outputs.dtype)
+        if y.ndim == 1 and outputs.ndim == 2 and outputs.shape == (y.shape[0], 1):
+            y = y[:, None]  # one output: targets [B] read as [B, 1]
         if y.shape != outputs.shape:
             raise ValueError(
                 f"labels: a Gaussian likelihood needs targets shaped like the outputs {tuple(outputs.shape)}, got "
@@ -137,6 +151,64 @@ class Gaussian:
 
     def config(self) -> dict[str, Any]:
         return {"name": self.name, "noise_std": self.noise_std}
+
+    # ---------------------------------------------------------------- the predictive mixture (module docstring)
+    def _component_std(self, samples: torch.Tensor, variance: torch.Tensor | None) -> torch.Tensor:
+        """The std of every mixture component ``[B, O]`` (float64): ``√(σ² + v)``."""
+        v = torch.zeros(samples.shape[1:], dtype=torch.float64, device=samples.device)
+        if variance is not None:
+            v = v + variance.double().clamp_min(0.0)
+        return (v + self.noise_std**2).sqrt()
+
+    def predictive_mean(self, samples: torch.Tensor, variance: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean of the mixture ``[B, O]``: ``(1/S) Σ_s f_s`` (float64)."""
+        return samples.double().mean(0)
+
+    def epistemic_variance(self, samples: torch.Tensor, variance: torch.Tensor | None = None) -> torch.Tensor:
+        """The function-space part of the variance ``[B, O]``: ``v + (1/S) Σ_s (f_s − f̄)²`` (float64)."""
+        spread = samples.double().var(0, correction=0)
+        return spread if variance is None else spread + variance.double().clamp_min(0.0)
+
+    def predictive_variance(self, samples: torch.Tensor, variance: torch.Tensor | None = None) -> torch.Tensor:
+        """Variance of the mixture ``[B, O]``: ``σ² + v + (1/S) Σ_s (f_s − f̄)²`` (float64)."""
+        return self.noise_std**2 + self.epistemic_variance(samples, variance)
+
+    def predictive_log_density(
+        self, samples: torch.Tensor, variance: torch.Tensor | None, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """``log p(y | x)`` per example ``[B]`` (float64; the O outputs are independent given ``f_s``)."""
+        f = samples.double()
+        y = self._targets(f[0], labels.to(f.device)).double()
+        normal = torch.distributions.Normal(f, self._component_std(samples, variance))
+        per_sample = normal.log_prob(y[None]).sum(-1)  # [S, B]
+        return torch.logsumexp(per_sample, 0) - math.log(f.shape[0])
+
+    def predictive_cdf(
+        self, samples: torch.Tensor, variance: torch.Tensor | None, values: torch.Tensor
+    ) -> torch.Tensor:
+        """The marginal CDF ``P(y_o ≤ value_o | x)`` ``[B, O]`` at ``values [B, O]`` (the PIT at the labels)."""
+        f = samples.double()
+        y = self._targets(f[0], values.to(f.device)).double()
+        return torch.distributions.Normal(f, self._component_std(samples, variance)).cdf(y[None]).mean(0)
+
+    def predictive_quantile(
+        self, samples: torch.Tensor, variance: torch.Tensor | None, q: float, iterations: int = 100
+    ) -> torch.Tensor:
+        """The ``q``-quantile of every marginal ``[B, O]``: closed form for one component, else bisection on
+        :meth:`predictive_cdf` (monotone) between the components' 1e-12 tails."""
+        if not 0.0 < float(q) < 1.0:
+            raise ValueError(f"q: expected a probability in (0, 1), got {q!r}.")
+        f, sd = samples.double(), self._component_std(samples, variance)
+        z = float(torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(float(q), dtype=torch.float64)))
+        if f.shape[0] == 1:
+            return f[0] + z * sd
+        tail = 7.5 * sd  # Φ(−7.5) ≈ 3e-14
+        lo, hi = f.min(0).values - tail, f.max(0).values + tail
+        for _ in range(iterations):
+            mid = 0.5 * (lo + hi)
+            below = self.predictive_cdf(samples, variance, mid) < q
+            lo, hi = torch.where(below, mid, lo), torch.where(below, hi, mid)
+        return 0.5 * (lo + hi)
 
 
 LIKELIHOODS = {"categorical": Categorical, "gaussian": Gaussian}

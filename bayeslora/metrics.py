@@ -9,6 +9,20 @@ All metrics are computed once over the whole dataset (never a mean of batch mean
 * Brier – multi-class Brier score ``mean_n sum_c (p_nc - 1[y_n = c])^2`` (Brier 1950), in [0, 2].
 * OOD AUROC – from an uncertainty score (predictive entropy or mutual information), OOD = positive.
 * Selective prediction – risk–coverage curve ordered by confidence and its area (AURC, Geifman & El-Yaniv 2017).
+
+Regression (a Gaussian likelihood; :func:`regression_metrics`) is scored from per-example quantities of the
+predictive distribution (:class:`RegressionPredictions`): its log-density at the label, its mean and its CDF at the
+label (the probability integral transform, PIT ``u = F(y)``):
+
+* NLL – ``−mean_n log p(y_n | x_n)`` (nats; the mixture density of the predictive, not the one of its mean);
+* RMSE – ``√(mean_n ||y_n − E[y | x_n]||² / O)``;
+* coverage at level ``p`` – the fraction of labels inside the central ``p`` interval ``[F⁻¹(½ − p/2), F⁻¹(½ + p/2)]``,
+  i.e. with ``|u − ½| ≤ p/2`` (reported at 50 / 90 / 95 %: ``cov50``, ``cov90``, ``cov95``);
+* regression calibration error (``rce``) – ``mean_p |coverage(p) − p|`` over the central levels
+  ``p = 0.05, 0.10, …, 0.95`` (:data:`CALIBRATION_LEVELS`): the L1 form of the calibration error of Kuleshov, Fenner
+  & Ermon (ICML 2018) over central intervals; 0 for a calibrated predictive, up to ½.
+
+Outputs ``O > 1`` count each output as an example in the coverage and calibration error.
 """
 
 from __future__ import annotations
@@ -23,6 +37,10 @@ from .predictive import Predictive
 from .progress import bar as progress_bar
 
 ECE_BINS = 15
+COVERAGE_LEVELS = (0.5, 0.9, 0.95)
+CLASSIFICATION_KEYS = ("acc", "ece", "nll", "brier", "aurc")  # what classification_metrics returns
+REGRESSION_KEYS = ("nll", "rmse", "cov50", "cov90", "cov95", "rce")  # what regression_metrics returns
+CALIBRATION_LEVELS = tuple(round(0.05 * k, 2) for k in range(1, 20))
 
 
 def _check(log_probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,8 +119,85 @@ def classification_metrics(log_probs: torch.Tensor, labels: torch.Tensor, n_bins
     }
 
 
+def _check_regression(values: torch.Tensor, labels: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    y = labels.double().to(values.device)
+    if y.ndim == 1 and values.ndim == 2 and values.shape[1] == 1:
+        y = y[:, None]
+    if y.shape != values.shape or values.ndim != 2:
+        raise ValueError(f"labels: expected targets shaped like the {what} [N, O] = {tuple(values.shape)}, got "
+                         f"{tuple(labels.shape)}.")  # fmt: skip
+    if y.shape[0] == 0:
+        raise ValueError("labels: expected at least one example, got an empty set; check the evaluation split.")
+    return values.double(), y
+
+
+def _check_pit(pit: torch.Tensor) -> torch.Tensor:
+    u = pit.double().reshape(-1)
+    if u.numel() == 0 or not bool(((u >= 0) & (u <= 1)).all()):
+        raise ValueError("pit: expected a non-empty tensor of predictive CDF values at the labels, in [0, 1].")
+    return u
+
+
+def regression_nll(log_density: torch.Tensor) -> float:
+    """``−mean log p(y | x)`` from the per-example predictive log-densities ``[N]``."""
+    if log_density.numel() == 0:
+        raise ValueError("log_density: expected one log-density per example, got an empty tensor.")
+    return -log_density.double().mean().item()
+
+
+def rmse(mean: torch.Tensor, labels: torch.Tensor) -> float:
+    """Root mean squared error of the predictive mean ``[N, O]`` against the targets ``[N, O]`` (or ``[N]``)."""
+    m, y = _check_regression(mean, labels, "predictive means")
+    return (m - y).square().mean().sqrt().item()
+
+
+def interval_coverage(pit: torch.Tensor, level: float) -> float:
+    """Fraction of labels inside the central ``level`` predictive interval, from their PIT values ``F(y)``."""
+    if not 0.0 < float(level) < 1.0:
+        raise ValueError(f"level: expected a coverage level in (0, 1), got {level!r}.")
+    u = _check_pit(pit)
+    return ((u - 0.5).abs() <= level / 2).double().mean().item()
+
+
+def regression_calibration_error(pit: torch.Tensor, levels=CALIBRATION_LEVELS) -> float:
+    """``mean_p |coverage(p) − p|`` over central interval levels ``p`` (module docstring)."""
+    return sum(abs(interval_coverage(pit, p) - p) for p in levels) / len(levels)
+
+
+def regression_metrics(log_density: torch.Tensor, mean: torch.Tensor, pit: torch.Tensor, labels: torch.Tensor):
+    """nll, rmse, cov50 / cov90 / cov95 and rce (module docstring) in one dict."""
+    out = {"nll": regression_nll(log_density), "rmse": rmse(mean, labels)}
+    out.update({f"cov{round(100 * p)}": interval_coverage(pit, p) for p in COVERAGE_LEVELS})
+    out["rce"] = regression_calibration_error(pit)
+    return out
+
+
+class _Record:
+    """What the per-example records share: concatenation over batches and the saved state (their tensor fields
+    ``TENSOR_FIELDS``, ``has_epistemic`` and, but for the classification record, their ``kind``)."""
+
+    KIND: str | None = None
+    TENSOR_FIELDS: tuple[str, ...] = ()
+
+    @classmethod
+    def cat(cls, parts: Iterable):
+        parts = list(parts)
+        if not parts:
+            raise ValueError("parts: expected at least one batch of predictions; the evaluation loader was empty.")
+        tensors = {k: torch.cat([getattr(p, k) for p in parts]) for k in cls.TENSOR_FIELDS}
+        return cls(**tensors, has_epistemic=all(p.has_epistemic for p in parts))
+
+    def state_dict(self) -> dict:
+        state = {**{k: getattr(self, k) for k in self.TENSOR_FIELDS}, "has_epistemic": self.has_epistemic}
+        return state if self.KIND is None else {**state, "kind": self.KIND}
+
+    @classmethod
+    def _from_state(cls, state: Mapping):
+        return cls(**{k: state[k] for k in cls.TENSOR_FIELDS}, has_epistemic=bool(state.get("has_epistemic", True)))
+
+
 @dataclass
-class Predictions:
+class Predictions(_Record):
     """Per-example predictions of one method on one split (saved so tables can be recomputed).
 
     Attributes:
@@ -134,29 +229,78 @@ class Predictions:
             has_epistemic=pred.has_epistemic,
         )
 
-    @classmethod
-    def cat(cls, parts: Iterable[Predictions]) -> Predictions:
-        parts = list(parts)
-        if not parts:
-            raise ValueError("parts: expected at least one batch of predictions; the evaluation loader was empty.")
-        tensors = {k: torch.cat([getattr(p, k) for p in parts]) for k in _TENSOR_FIELDS}
-        return cls(**tensors, has_epistemic=all(p.has_epistemic for p in parts))
-
     def metrics(self, n_bins: int = ECE_BINS) -> dict[str, float]:
         return classification_metrics(self.log_probs, self.labels, n_bins=n_bins)
 
-    def state_dict(self) -> dict:
-        return {**{k: getattr(self, k) for k in _TENSOR_FIELDS}, "has_epistemic": self.has_epistemic}
-
     @classmethod
-    def from_state_dict(cls, state: Mapping) -> Predictions:
-        return cls(**{k: state[k] for k in _TENSOR_FIELDS}, has_epistemic=bool(state.get("has_epistemic", True)))
+    def from_state_dict(cls, state: Mapping) -> Predictions | RegressionPredictions:
+        """Rebuild saved predictions (a :class:`RegressionPredictions` state rebuilds that record)."""
+        if state.get("kind") == RegressionPredictions.KIND:
+            return RegressionPredictions.from_state_dict(state)
+        return cls._from_state(state)
 
 
 _TENSOR_FIELDS = ("log_probs", "labels", "mean_logits", "entropy", "mutual_information")
+Predictions.TENSOR_FIELDS = _TENSOR_FIELDS
 
 
-def predict_loader(posterior, fn, loader, *, n_samples: int | None = None, seed: int = 0) -> Predictions:
+@dataclass
+class RegressionPredictions(_Record):
+    """Per-example predictions of a regression posterior (a Gaussian likelihood) on one split.
+
+    Attributes:
+        log_density: ``log p(y | x)`` of the label ``[N]`` (float64).
+        mean: the predictive mean ``[N, O]``.
+        variance: the predictive variance ``[N, O]`` (observation noise + function-space variance).
+        pit: the predictive CDF at the label ``[N, O]`` (coverage and calibration are functions of it).
+        labels: the targets ``[N, O]``.
+        epistemic_variance: the function-space variance ``[N, O]`` (0 for a point predictor).
+        has_epistemic: whether the method has an epistemic score.
+    """
+
+    KIND = "regression"
+    TENSOR_FIELDS = ("log_density", "mean", "variance", "pit", "labels", "epistemic_variance")
+
+    log_density: torch.Tensor
+    mean: torch.Tensor
+    variance: torch.Tensor
+    pit: torch.Tensor
+    labels: torch.Tensor
+    epistemic_variance: torch.Tensor
+    has_epistemic: bool = True
+
+    @classmethod
+    def from_predictive(cls, pred: Predictive, labels: torch.Tensor) -> RegressionPredictions:
+        y = labels.to(pred.logits.device).double().reshape(pred.logits.shape[1:])
+        return cls(
+            log_density=pred.log_likelihood(y).cpu(),
+            mean=pred.mean.cpu(),
+            variance=pred.predictive_variance.cpu(),
+            pit=pred.cdf(y).cpu(),
+            labels=y.cpu(),
+            epistemic_variance=pred.epistemic_variance.cpu(),
+            has_epistemic=pred.has_epistemic,
+        )
+
+    def metrics(self, n_bins: int = ECE_BINS) -> dict[str, float]:
+        """:func:`regression_metrics` (``n_bins`` is the classification metrics' and unused here)."""
+        return regression_metrics(self.log_density, self.mean, self.pit, self.labels)
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping) -> RegressionPredictions:
+        return cls._from_state(state)
+
+
+def predictions_from_predictive(pred: Predictive, labels: torch.Tensor) -> Predictions | RegressionPredictions:
+    """The per-example record of a predictive: :class:`Predictions` for class logits, else
+    :class:`RegressionPredictions`."""
+    record = Predictions if pred.is_categorical else RegressionPredictions
+    return record.from_predictive(pred, labels)
+
+
+def predict_loader(
+    posterior, fn, loader, *, n_samples: int | None = None, seed: int = 0
+) -> Predictions | RegressionPredictions:
     """Run ``posterior.predict`` over a loader and collect per-example :class:`Predictions`.
 
     Args:
@@ -172,11 +316,12 @@ def predict_loader(posterior, fn, loader, *, n_samples: int | None = None, seed:
     parts = []
     for batch in progress_bar(loader, desc=f"predict ({getattr(posterior, 'name', 'posterior')})"):
         pred = posterior.predict(fn, batch, n_samples=n_samples, generator=generator)
-        parts.append(Predictions.from_predictive(pred, batch["labels"]))
-    return Predictions.cat(parts)
+        parts.append(predictions_from_predictive(pred, batch["labels"]))
+    return type(parts[0]).cat(parts) if parts else Predictions.cat(parts)
 
 
 def evaluate(posterior, fn, loader, *, n_samples: int | None = None, seed: int = 0, n_bins: int = ECE_BINS):
-    """Metrics (acc, ece, nll, brier, aurc) of a posterior over a whole loader, and its predictions."""
+    """Metrics of a posterior over a whole loader (acc, ece, nll, brier, aurc; for regression nll, rmse, cov50,
+    cov90, cov95, rce), and its predictions."""
     preds = predict_loader(posterior, fn, loader, n_samples=n_samples, seed=seed)
     return preds.metrics(n_bins=n_bins), preds

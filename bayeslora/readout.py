@@ -1,10 +1,14 @@
-"""Readouts: turn a Hugging Face model output into the C class logits of a task.
+"""Readouts: turn a Hugging Face model output into the outputs ``f [B, O]`` of a task (class logits ``[B, C]``
+or, for regression, the predicted mean ``[B, 1]``).
 
 A Readout has two jobs:
 
 * ``model_inputs(batch)`` – the keyword arguments the model is called with (it may add e.g.
   ``position_ids`` or ``logits_to_keep``; it never passes ``labels``, so HF computes no loss);
-* ``__call__(output, batch)`` – the class logits ``[B, C]`` in float32.
+* ``__call__(output, batch)`` – the outputs ``[B, O]`` in float32 (class logits for a categorical likelihood).
+
+Its ``likelihood`` (:mod:`bayeslora.likelihoods`) says how the outputs explain the labels: categorical for
+:class:`SequenceClassificationLogits` and :class:`AnswerTokenLogits`, Gaussian for :class:`SequenceRegression`.
 
 Readouts are plain, serialisable objects: ``config()`` returns a JSON-able dict and
 :func:`readout_from_config` rebuilds the readout, so a saved posterior can be reloaded without
@@ -18,7 +22,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from .likelihoods import Categorical, Likelihood
+from .likelihoods import Categorical, Gaussian, Likelihood
 
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -56,7 +60,10 @@ class SequenceClassificationLogits:
 
     def __init__(self, num_classes: int):
         if int(num_classes) < 2:
-            raise ValueError(f"num_classes: expected an integer >= 2, got {num_classes!r}.")
+            raise ValueError(
+                f"num_classes: expected an integer >= 2, got {num_classes!r}; for a one-output regression head use "
+                "SequenceRegression (a Gaussian likelihood)."
+            )
         self.num_classes = int(num_classes)
         self.likelihood: Likelihood = Categorical()
 
@@ -75,6 +82,55 @@ class SequenceClassificationLogits:
 
     def config(self):
         return {"type": "seq_cls", "num_classes": self.num_classes}
+
+
+NOISE_MODES = ("fixed", "fit")
+
+
+class SequenceRegression:
+    """One real output from a sequence-classification head loaded with ``num_labels=1`` (``output.logits [B, 1]``),
+    explained by a Gaussian likelihood ``y ~ N(f, σ²)``.
+
+    Args:
+        noise_std: the observation std σ (for ``noise="fit"``: the value until the fit replaces it).
+        noise: ``"fixed"`` (σ = ``noise_std`` throughout) or ``"fit"``: after the MAP training, σ is set to its
+            maximum-likelihood value on the training residuals, ``σ̂² = mean_n (y_n − f_MAP(x_n))²``
+            (:func:`bayeslora.train.fit_noise_std`, called by :meth:`BayesianLoRA.fit_map` and ``bayeslora-run``);
+            the MAP itself is trained with the initial σ, and everything after the fit uses σ̂ (the Laplace
+            curvature and evidence, the VI likelihood, the predictive, and the training of further ensemble members,
+            whose data term is then scaled by 1/σ̂² against the prior where the MAP's was by 1/σ²).
+    """
+
+    num_classes = 1
+
+    def __init__(self, noise_std: float = 1.0, noise: str = "fixed"):
+        if noise not in NOISE_MODES:
+            raise ValueError(f"noise: expected one of {list(NOISE_MODES)}, got {noise!r}.")
+        self.likelihood: Likelihood = Gaussian(noise_std)  # checks noise_std
+        self.noise = noise
+
+    @property
+    def noise_std(self) -> float:
+        return self.likelihood.noise_std
+
+    def set_noise_std(self, noise_std: float) -> None:
+        """Replace the observation std (the ``noise="fit"`` step)."""
+        self.likelihood = Gaussian(noise_std)
+
+    def model_inputs(self, batch):
+        return _base_inputs(batch)
+
+    def __call__(self, output, batch):
+        f = output.logits
+        if f.ndim != 2 or f.shape[-1] != 1:
+            raise ValueError(
+                f"model output: expected one regression output per example [B, 1], got shape {tuple(f.shape)}; load "
+                "the model with num_labels=1 (format 'seq_reg')."
+            )
+        return f if f.dtype == torch.float64 else f.float()  # float32 (a float64 model stays float64)
+
+    def config(self):
+        return {"type": "seq_reg", "noise_std": self.noise_std, "noise": self.noise}
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -164,4 +220,6 @@ def readout_from_config(config: Mapping[str, Any]) -> Readout:
         return SequenceClassificationLogits(config["num_classes"])
     if kind == "answer_token":
         return AnswerTokenLogits(config["token_ids"], answers=config.get("answers"))
-    raise ValueError(f"readout config: unknown type {kind!r}; expected 'seq_cls' or 'answer_token'.")
+    if kind == "seq_reg":
+        return SequenceRegression(config.get("noise_std", 1.0), noise=config.get("noise", "fixed"))
+    raise ValueError(f"readout config: unknown type {kind!r}; expected 'seq_cls', 'seq_reg' or 'answer_token'.")

@@ -249,7 +249,9 @@ class RunRecord:
     Attributes (as written): the run's task / data config name / model / method / method label / seed / prior
     precision; ``num_classes`` and the split sizes; ``splits`` (metrics of every evaluated split and of its
     ``_ts`` row); ``label_counts`` (per split); ``temperature`` (of the ``+ TS`` rows); ``ood`` / ``ood_info``
-    (shifted sets); the main split's ``acc``, ``ece``, ``nll``, ``brier``, ``aurc``; ``data_info`` (provenance),
+    (shifted sets); the main split's ``acc``, ``ece``, ``nll``, ``brier``, ``aurc`` (a regression run: ``nll``,
+    ``rmse``, ``cov50``, ``cov90``, ``cov95``, ``rce``, :func:`bayeslora.metrics.regression_metrics`); ``data_info``
+    (provenance),
     ``map`` (the MAP training or cache entry), ``timings``, ``device``, ``run_dir``, ``config`` (resolved),
     ``identity`` / ``run_id`` / ``setting_id`` (:func:`run_identity`), ``bayeslora_version``,
     ``reliability_diagram``. Keys this version does not know are kept in ``extra``.
@@ -279,6 +281,11 @@ class RunRecord:
     nll: float | None = None
     brier: float | None = None
     aurc: float | None = None
+    rmse: float | None = None
+    cov50: float | None = None
+    cov90: float | None = None
+    cov95: float | None = None
+    rce: float | None = None
     reliability_diagram: str | None = None
     timings: dict = field(default_factory=dict)
     device: str | None = None

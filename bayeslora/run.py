@@ -42,17 +42,16 @@ from .config_check import check_run_config
 from .data import make_loader
 from .hydra_store import register as register_method_defaults
 from .io import load_torch, save_torch
-from .metrics import Predictions
+from .metrics import CLASSIFICATION_KEYS, REGRESSION_KEYS, Predictions
 from .models import add_lora, load_model, load_tokenizer, locate
 from .ood import ood_report, predict_ood, prepare_ood
 from .posteriors import accepts
 from .results import TS_SUFFIX, RunRecord, digest, identity_mismatch, map_identity, run_id, run_identity, setting_id
 from .sweep import file_lock, remove_stale_temporaries, run_device
 from .trackers import flat_metrics
-from .train import TrainConfig, TrainResult
+from .train import TrainConfig, TrainResult, fit_noise_std
 from .wrapper import BayesianLoRA
 
-METRIC_KEYS = ("acc", "ece", "nll", "brier")
 logger = logging.getLogger(__name__)
 register_method_defaults()  # the method configs' defaults (Hydra ConfigStore), for any way of composing configs/
 
@@ -211,8 +210,9 @@ def _execute(
         )
     timings: dict[str, float] = {"setup_s": time.perf_counter() - t0}
     sizes = (len(task.train), len(task.validation), len(task.test))
-    logger.info("data: %s train / %s validation / %s test rows of %s (%s classes); setup %.1f s", *sizes,
-                cfg["data"]["task"], task.num_classes, timings["setup_s"])  # fmt: skip
+    logger.info("data: %s train / %s validation / %s test rows of %s (%s %s); setup %.1f s", *sizes,
+                cfg["data"]["task"], task.num_classes, "output, regression" if task.is_regression else "classes",
+                timings["setup_s"])  # fmt: skip
 
     t = time.perf_counter()
     map_info: dict[str, Any] = {}
@@ -221,6 +221,10 @@ def _execute(
         map_info, ckpt_dir = _fit_or_load_map(bl, cfg, train_loader, run_dir, identity, trackers)
         if needs.checkpoints:
             checkpoints = [str(p) for p in list_checkpoints(ckpt_dir)]
+        if map_info.get("cached") and getattr(bl.fn.readout, "noise", None) == "fit":  # fit_map does it on training
+            fit_noise_std(bl.fn, train_loader)
+        if task.is_regression:
+            map_info["noise_std"] = bl.fn.likelihood.noise_std
         how = "loaded from the MAP cache" if map_info.get("cached") else f"trained ({map_info.get('steps')} steps)"
         logger.info("MAP adapter %s in %.1f s", how, time.perf_counter() - t)
     timings["map_train_s"] = time.perf_counter() - t
@@ -250,7 +254,9 @@ def _execute(
         timings["predict_ood_s"] = time.perf_counter() - t
 
     result = _record(cfg, task, map_info, preds)
-    if cfg["eval"]["temperature_row"]:  # T scales the method's model-average log-probabilities: its argmax stays
+    if cfg["eval"]["temperature_row"] and task.is_regression:
+        logger.info("no + TS row: temperature scaling is for class logits (a regression fits its noise: noise=fit)")
+    elif cfg["eval"]["temperature_row"]:  # T scales the method's model-average log-probabilities: its argmax stays
         temp = fit_temperature(preds["validation"].log_probs, preds["validation"].labels, where="eval.temperature_row")
         result["temperature"] = temp
         logger.info("temperature of the + TS row: %.4g", temp)
@@ -263,9 +269,10 @@ def _execute(
         result["ood"], saved = ood_report(preds, ood_preds, main_split, result.get("temperature"))
         result["ood_info"] = {"in_distribution": main_split, "sets": ood_info}
         preds.update(saved)
-    result.update({k: result["splits"][main_split][k] for k in (*METRIC_KEYS, "aurc")})
+    keys = REGRESSION_KEYS if task.is_regression else CLASSIFICATION_KEYS
+    result.update({k: result["splits"][main_split][k] for k in keys})
     save_torch({s: p.state_dict() for s, p in preds.items()}, run_dir / "predictions.pt")
-    if cfg["eval"]["reliability_diagram"]:
+    if cfg["eval"]["reliability_diagram"] and not task.is_regression:  # a diagram of class confidences
         result["reliability_diagram"] = _reliability(cfg, preds, main_split, run_dir)
     timings["total_s"] = time.perf_counter() - t0
     result.update(timings=timings, device=str(bl.fn.device), run_dir=str(run_dir), config=cfg, identity=identity)
@@ -288,6 +295,11 @@ def _prepare_ood(cfg: Mapping[str, Any], tokenizer, task) -> dict:
     sets = cfg["eval"].get("ood") or {}
     if not sets:
         return {}
+    if task.is_regression:
+        raise ValueError(
+            "eval.ood: OOD detection scores class predictives (entropy, mutual information); this task is a "
+            "regression. Remove eval.ood."
+        )
     return prepare_ood(
         tokenizer,
         sets,
@@ -353,7 +365,9 @@ def _record(cfg: Mapping[str, Any], task, map_info: dict, preds: Mapping[str, Pr
         "data_info": task.info,
         "map": map_info,
         "splits": {s: p.metrics() for s, p in preds.items()},
-        "label_counts": {s: p.labels.bincount(minlength=task.num_classes).tolist() for s, p in preds.items()},
+        "label_counts": {}
+        if task.is_regression
+        else {s: p.labels.bincount(minlength=task.num_classes).tolist() for s, p in preds.items()},
     }
 
 
@@ -377,13 +391,23 @@ def _version() -> str:
 
 
 def format_table(result: Mapping[str, Any], split: str = "test") -> str:
-    """A small Markdown table of the run's metrics (percentages for acc/ece)."""
+    """A small Markdown table of the run's metrics (percentages for acc/ece; a regression run: NLL, RMSE, coverage
+    of the 50 / 90 / 95 % central intervals and the regression calibration error)."""
     rows = [(result["method_label"], result["splits"][split])]
     if f"{split}_ts" in result["splits"]:
         rows.append(
             (f"{result['method_label']} + temperature (T={result['temperature']:.2f})", result["splits"][f"{split}_ts"])
         )
     width = max(len(r[0]) for r in rows)
+    if "rmse" in rows[0][1]:  # a regression run
+        lines = [
+            f"| {'method':<{width}} |  NLL   |  RMSE  | cov50 | cov90 | cov95 |  RCE   |",
+            f"|{'-' * (width + 2)}|--------|--------|-------|-------|-------|--------|",
+        ]
+        for name, m in rows:
+            cov = " | ".join(f"{m[k]:5.3f}" for k in ("cov50", "cov90", "cov95"))
+            lines.append(f"| {name:<{width}} | {m['nll']:6.4f} | {m['rmse']:6.4f} | {cov} | {m['rce']:6.4f} |")
+        return "\n".join(lines)
     lines = [
         f"| {'method':<{width}} | ACC %  | ECE %  |  NLL   | Brier  |",
         f"|{'-' * (width + 2)}|--------|--------|--------|--------|",

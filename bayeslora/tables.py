@@ -40,6 +40,11 @@ METRICS = {  # name -> (header, scale, higher is better)
     "nll": ("NLL ↓", 1.0, False),
     "brier": ("Brier ↓", 1.0, False),
     "aurc": ("AURC ↓", 1.0, False),
+    "rmse": ("RMSE ↓", 1.0, False),  # regression (metrics.regression_metrics); coverage: nearest nominal is best
+    "cov50": ("Coverage 50% (%)", 100.0, None),
+    "cov90": ("Coverage 90% (%)", 100.0, None),
+    "cov95": ("Coverage 95% (%)", 100.0, None),
+    "rce": ("Reg. calibration error ↓", 1.0, False),
     "auroc_entropy": ("OOD AUROC, entropy (%) ↑", 100.0, True),
     "auroc_mi": ("OOD AUROC, MI (%) ↑", 100.0, True),
 }
@@ -51,6 +56,7 @@ LAYOUTS = {  # layout -> default metric blocks
     "datasets": ("acc", "ece", "nll", "brier"),
     "ood": ("acc", "ece", "nll", "auroc_entropy", "auroc_mi"),
 }
+REGRESSION_BLOCKS = ("nll", "rmse", "cov50", "cov90", "cov95", "rce")  # "datasets" when every run is a regression
 
 
 @dataclass
@@ -170,6 +176,8 @@ def aggregate(
 
 def _best(table, metric: str, methods: Sequence[str], data: str) -> str | None:
     higher = METRICS[metric][2]
+    if higher is None:  # coverage: no ordering (the nominal level is the target)
+        return None
     cands = [(table[metric][m][data].mean, m) for m in methods if table[metric][m][data].values]
     if not cands:
         return None
@@ -314,18 +322,21 @@ def make_tables(
 ) -> dict[str, str]:
     """Build the tables of a results directory and write ``<name>.md``, ``.tex`` and ``.csv`` into ``out_dir``.
 
-    ``metrics`` defaults to the layout's blocks (:data:`LAYOUTS`); ``model`` / ``data`` keep only the runs of
+    ``metrics`` defaults to the layout's blocks (:data:`LAYOUTS`; :data:`REGRESSION_BLOCKS` when every run is a
+    regression); ``model`` / ``data`` keep only the runs of
     one model / training dataset (a table mixes no models: with several, ``model`` is required). ``rows`` /
     ``columns`` keep only those method labels (each with its ``+ TS`` row) / column names, in that order (a
     listed one without runs is left out; None: all, as found).
     """
     if layout not in LAYOUTS:
         raise ValueError(f"layout: expected one of {list(LAYOUTS)}, got {layout!r}.")
-    metrics = LAYOUTS[layout] if metrics is None else metrics
-    unknown = [m for m in metrics if m not in METRICS]
+    unknown = [m for m in metrics or () if m not in METRICS]
     if unknown:
         raise ValueError(f"metrics: unknown {unknown}; expected a subset of {list(METRICS)}.")
     runs = select(collect(results_dir), model=model, data=data, where=str(results_dir))
+    if metrics is None:  # the output type chooses the metric set: a regression has no accuracy or ECE
+        regression = layout == "datasets" and bool(runs) and all(r.rmse is not None for r in runs)
+        metrics = REGRESSION_BLOCKS if regression else LAYOUTS[layout]
     if layout == "ood":
         trained_on = sorted({r.data for r in runs if r.ood})
         if len(trained_on) > 1:

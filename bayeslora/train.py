@@ -277,3 +277,31 @@ def _check_divergence(losses: list[float], config: TrainConfig) -> None:
             f"{first:.4g} by more than {k:g} x max(|first|, 1); lower lr (now {config.lr:g}), keep clip set (now "
             f"{config.clip}), or raise warmup_ratio. Nothing was saved as the MAP."
         )
+
+
+@torch.no_grad()
+def fit_noise_std(fn: AdapterFn, loader: DataLoader) -> float:
+    """The maximum-likelihood observation std of a Gaussian readout at the current adapter (the MAP):
+    ``σ̂ = √(mean_n ||y_n − f(x_n)||² / O)`` over ``loader`` (eval mode); sets it on the readout and returns it.
+
+    Raises:
+        ValueError: the readout is not a regression readout with ``noise="fit"``, or the loader is empty.
+    """
+    readout = fn.readout
+    if getattr(readout, "noise", None) != "fit":
+        raise ValueError(
+            f"readout: fitting the observation noise needs a regression readout with noise='fit' "
+            f"(SequenceRegression); got {type(readout).__name__} {readout.config()}."
+        )
+    total, count = 0.0, 0
+    with model_mode(fn.model, False):
+        for batch in loader:
+            f = fn(None, batch).double()
+            y = fn.labels(batch).double().reshape(f.shape)
+            total += float((y - f).square().sum())
+            count += y.numel()
+    if count == 0:
+        raise ValueError("loader: yielded no examples; the noise fit needs the training split.")
+    sigma = max(math.sqrt(total / count), 1e-6)
+    readout.set_noise_std(sigma)
+    return sigma

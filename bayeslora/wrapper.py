@@ -37,7 +37,7 @@ from .params import AdapterParams
 from .posteriors import Posterior, TunablePrior, accepts, make_posterior
 from .predictive import Predictive
 from .readout import Readout, readout_from_config
-from .train import TrainConfig, TrainResult, train_map
+from .train import TrainConfig, TrainResult, fit_noise_std, train_map
 
 _META = "bayeslora.json"
 _STATE = "posterior.pt"
@@ -76,7 +76,8 @@ class BayesianLoRA:
     ):
         if not isinstance(readout, Readout):
             raise TypeError(
-                f"readout: expected a Readout (SequenceClassificationLogits or AnswerTokenLogits), got "
+                f"readout: expected a Readout (SequenceClassificationLogits, SequenceRegression or AnswerTokenLogits), "
+                "got "
                 f"{type(readout).__name__}."
             )
         if not isinstance(params, AdapterParams):
@@ -126,13 +127,17 @@ class BayesianLoRA:
         return cache_loader(self.fn, loader, dtype=dtype, store=store, batch_size=batch_size, progress=progress)
 
     def fit_map(self, loader, config: TrainConfig | Mapping[str, Any] | None = None, callbacks=()) -> TrainResult:
-        """Train the adapter to its MAP with :func:`~bayeslora.train.train_map` (``callbacks``: TrainCallbacks)."""
+        """Train the adapter to its MAP with :func:`~bayeslora.train.train_map` (``callbacks``: TrainCallbacks); a
+        regression readout with ``noise="fit"`` then gets its maximum-likelihood σ
+        (:func:`~bayeslora.train.fit_noise_std`)."""
         if config is None or isinstance(config, Mapping):
             config = TrainConfig(**dict(config or {}))
         if self.prior_precision is not None:
             config = dataclasses.replace(config, prior_precision=self.prior_precision)
         result = train_map(self.fn, loader, config, callbacks=callbacks)
         self._map_checkpoints = list(result.checkpoints)
+        if getattr(self.fn.readout, "noise", None) == "fit":  # a regression readout: σ by ML at the MAP
+            fit_noise_std(self.fn, loader)
         return result
 
     def fit(self, loader, val_loader=None, checkpoints=None) -> BayesianLoRA:

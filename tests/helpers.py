@@ -9,7 +9,7 @@ from torch.utils.data import DataLoader, Dataset
 from bayeslora.function import AdapterFn
 from bayeslora.models import LoraSpec, add_lora, load_model
 from bayeslora.params import AdapterParams
-from bayeslora.readout import AnswerTokenLogits, SequenceClassificationLogits
+from bayeslora.readout import AnswerTokenLogits, SequenceClassificationLogits, SequenceRegression
 
 
 class TokenDataset(Dataset):
@@ -55,6 +55,20 @@ class TokenDataset(Dataset):
         return DataLoader(self, batch_size=batch_size, shuffle=shuffle, collate_fn=self.collate, generator=g)
 
 
+class RegressionTokens(TokenDataset):
+    """:class:`TokenDataset` with a real target ``[B, 1]``: the fraction of 'marker' tokens, centred."""
+
+    def __init__(self, n: int, **kwargs):
+        super().__init__(n, **kwargs)
+        vocab, offset = kwargs.get("vocab", 200), kwargs.get("offset", 1000)
+        self.items = [(ids, float((ids < offset + vocab // 2).double().mean()) - 0.5) for ids, _ in self.items]
+
+    def collate(self, rows):
+        batch = super().collate([(x, 0) for x, _ in rows])
+        batch["labels"] = torch.tensor([[y] for _, y in rows])
+        return batch
+
+
 def tiny_fn(
     kind: str = "bert",
     num_classes: int = 2,
@@ -64,15 +78,20 @@ def tiny_fn(
     target_modules=None,
     include_head: bool = True,
     layers=None,
+    noise_std: float | None = None,
 ):
     """A tiny LoRA'd model wrapped as an AdapterFn: kind 'bert' (seq_cls) or 'llama' (mc readout); ``layers``: the
-    blocks with LoRA (``LoraSpec.layers``)."""
+    blocks with LoRA (``LoraSpec.layers``); ``noise_std``: a one-output bert regression (SequenceRegression) instead."""
+    if noise_std is not None:
+        num_classes = 1
     fmt = "seq_cls" if kind == "bert" else "mc"
     model, tok = load_model(f"tiny-{kind}", format=fmt, num_labels=num_classes, device="cpu", seed=seed)
     spec = LoraSpec(r=r, alpha=2 * r, dropout=dropout, target_modules=target_modules, seed=seed, layers=layers)
     peft_model = add_lora(model, spec, format=fmt)
     params = AdapterParams(peft_model, include_head=include_head)
-    if fmt == "seq_cls":
+    if noise_std is not None:
+        readout = SequenceRegression(noise_std)
+    elif fmt == "seq_cls":
         readout = SequenceClassificationLogits(num_classes)
     else:
         readout = AnswerTokenLogits.from_tokenizer(tok, "ABCDEFGH"[:num_classes])
@@ -112,8 +131,9 @@ class LinearToy(torch.nn.Module):
         return SequenceClassifierOutput(logits=self.head(pooled))
 
 
-def linear_toy_fn(num_classes: int = 2, r: int = 2, seed: int = 0, lora_tensors=("B",)):
-    """A LoRA'd :class:`LinearToy` as an AdapterFn (LoRA A random-initialised and fixed unless selected)."""
+def linear_toy_fn(num_classes: int = 2, r: int = 2, seed: int = 0, lora_tensors=("B",), readout=None):
+    """A LoRA'd :class:`LinearToy` as an AdapterFn (LoRA A random-initialised and fixed unless selected; ``readout``:
+    default class logits of ``num_classes``)."""
     from peft import LoraConfig, get_peft_model
 
     with torch.random.fork_rng(devices=[]):
@@ -122,7 +142,8 @@ def linear_toy_fn(num_classes: int = 2, r: int = 2, seed: int = 0, lora_tensors=
             LinearToy(num_classes=num_classes, seed=seed),
             LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=["head"]),
         )
-    return AdapterFn(model, AdapterParams(model, lora_tensors=lora_tensors), SequenceClassificationLogits(num_classes))
+    readout = SequenceClassificationLogits(num_classes) if readout is None else readout
+    return AdapterFn(model, AdapterParams(model, lora_tensors=lora_tensors), readout)
 
 
 def token_batch(n: int, seed: int = 0, vocab: int = 64, length: int = 5) -> dict[str, torch.Tensor]:

@@ -616,3 +616,28 @@ def test_answer_letters_that_are_not_single_tokens_propagate(root):
         build_task("sst2", char_tokenizer(), root="demo", format="mc")
     td = build_task("sst2", char_tokenizer(), root="demo", max_train=10, max_eval=5)  # seq_cls needs no answer tokens
     assert td.num_classes == 2
+
+
+def test_generic_regression_task_reads_float_targets(tok, tmp_path):
+    from bayeslora.data import make_loader
+    from bayeslora.readout import SequenceRegression
+
+    rows = [{"text": f"sentence number {i}", "y": 0.5 * i} for i in range(12)]
+    rows[3]["y"] = "1.25"  # a CSV-style numeric string
+    paths = {"train": write_jsonl(tmp_path / "train.jsonl", rows), "test": write_jsonl(tmp_path / "test.jsonl", rows)}
+    common = {"paths": paths, "text_fields": ["text"], "label_field": "y", "label_names": None}
+    task = build_task("jsonl", tok, **common, task_type="regression", noise_std=0.3, val_size=2)
+    assert task.is_regression and task.num_classes == 1 and task.label_names == []
+    assert isinstance(task.readout, SequenceRegression) and task.readout.noise_std == 0.3
+    batch = next(iter(make_loader(task.test, tok, batch_size=12)))
+    assert batch["labels"].dtype == torch.float32 and batch["labels"].shape == (12, 1)
+    torch.testing.assert_close(batch["labels"][:, 0], torch.tensor([0.5 * i if i != 3 else 1.25 for i in range(12)]))
+    with pytest.raises(ValueError, match="task_type: a regression task has real-valued labels"):
+        build_task("jsonl", tok, **{**common, "label_names": ["a", "b"]}, task_type="regression")
+    with pytest.raises(ValueError, match="observation noise belongs to task_type='regression'"):
+        build_task("jsonl", tok, **{**common, "label_names": ["a", "b"]}, noise="fit")
+    with pytest.raises(ValueError, match="format: a regression task reads one output"):
+        build_task("jsonl", tok, **common, task_type="regression", format="mc")
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "x", "y": "high"}] * 4)
+    with pytest.raises(ValueError, match="a regression target must be a finite number"):
+        build_task("jsonl", tok, **{**common, "paths": {"train": bad, "test": bad}}, task_type="regression")

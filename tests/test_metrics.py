@@ -1,3 +1,5 @@
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -84,3 +86,70 @@ def test_bad_labels_are_rejected():
         M.nll(lp, y[:5])
     with pytest.raises(ValueError, match="empty"):
         M.brier(lp[:0], y[:0])
+
+
+def _regression_predictions(mu, sd, y):
+    from bayeslora.likelihoods import Gaussian
+    from bayeslora.metrics import RegressionPredictions
+    from bayeslora.predictive import Predictive
+
+    # a point predictive N(mu, sd²): the observation noise is sd (no function-space variance); two batches
+    preds = [RegressionPredictions.from_predictive(Predictive.point(m[:, None], likelihood=Gaussian(sd)), t)
+             for m, t in zip(mu.tensor_split(2), y.tensor_split(2))]  # fmt: skip
+    return RegressionPredictions.cat(preds)
+
+
+def test_regression_metrics_against_naive_loops():
+    from bayeslora.metrics import regression_metrics
+
+    g = torch.Generator().manual_seed(0)
+    n = 300
+    mu = torch.randn(n, generator=g, dtype=torch.float64)
+    y = mu + 0.7 * torch.randn(n, generator=g, dtype=torch.float64)
+    sd = 0.5  # too narrow
+    p = _regression_predictions(mu, sd, y[:, None])
+    m = regression_metrics(p.log_density, p.mean, p.pit, p.labels)
+    normal = torch.distributions.Normal(0.0, 1.0)
+    nll = sum(0.5 * math.log(2 * math.pi * 0.25) + (float(y[i] - mu[i]) ** 2) / (2 * 0.25) for i in range(n)) / n
+    assert m["nll"] == pytest.approx(nll, rel=1e-12)
+    assert m["rmse"] == pytest.approx(math.sqrt(sum(float(y[i] - mu[i]) ** 2 for i in range(n)) / n), rel=1e-12)
+
+    def coverage(level):  # count labels inside the central interval, one by one
+        z = float(normal.icdf(torch.tensor(0.5 + level / 2, dtype=torch.float64)))
+        return sum(float(mu[i]) - z * 0.5 <= float(y[i]) <= float(mu[i]) + z * 0.5 for i in range(n)) / n
+
+    for level, key in ((0.5, "cov50"), (0.9, "cov90"), (0.95, "cov95")):
+        assert m[key] == pytest.approx(coverage(level), abs=1e-12)
+    levels = [0.05 * k for k in range(1, 20)]
+    assert m["rce"] == pytest.approx(sum(abs(coverage(p) - p) for p in levels) / len(levels), abs=1e-12)
+    assert m["cov90"] < 0.85  # too narrow: under-covers
+
+
+def test_coverage_of_a_calibrated_gaussian_is_nominal_and_a_miscalibrated_one_is_not():
+    from bayeslora.metrics import interval_coverage, regression_calibration_error
+
+    g = torch.Generator().manual_seed(1)
+    n = 20000
+    mu = torch.randn(n, generator=g, dtype=torch.float64)
+    y = mu + 0.3 * torch.randn(n, generator=g, dtype=torch.float64)
+    calibrated = _regression_predictions(mu, 0.3, y[:, None])
+    for level in (0.5, 0.9, 0.95):  # binomial std at n = 20000 is at most 0.0036
+        assert interval_coverage(calibrated.pit, level) == pytest.approx(level, abs=0.012)
+    assert regression_calibration_error(calibrated.pit) < 0.01
+    wide = _regression_predictions(mu, 0.6, y[:, None])
+    assert regression_calibration_error(wide.pit) > 0.1 and interval_coverage(wide.pit, 0.5) > 0.8
+
+
+def test_regression_predictions_round_trip_through_the_saved_state():
+    from bayeslora.metrics import Predictions, RegressionPredictions
+
+    g = torch.Generator().manual_seed(2)
+    mu, y = torch.randn(50, generator=g, dtype=torch.float64), torch.randn(50, 1, generator=g, dtype=torch.float64)
+    p = _regression_predictions(mu, 1.0, y)
+    back = Predictions.from_state_dict(p.state_dict())
+    assert isinstance(back, RegressionPredictions) and back.metrics() == p.metrics()
+    assert set(p.metrics()) == {"nll", "rmse", "cov50", "cov90", "cov95", "rce"}
+    with pytest.raises(ValueError, match="pit: expected"):
+        from bayeslora.metrics import interval_coverage
+
+        interval_coverage(torch.tensor([1.5]), 0.5)

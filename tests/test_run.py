@@ -331,3 +331,47 @@ def test_identity_details_found_in_review(tmp_path):
     assert "/missing/" in compose(["data=jsonl"]).run_dir  # ??? values: run() then names the key
     with pytest.raises(Exception, match="refers to run_dir or run_name"):
         _ = compose([*SMOKE, "method=checkpoint_ensemble", "method.checkpoint_dir=${run_dir}/ck"]).run_dir
+
+
+def _regression_files(tmp_path, n_train=48, n_test=24):
+    """Real sentences of the packaged SST-2 subset with a target derived from the text: log(1 + words)."""
+    import math
+
+    from bayeslora.data.sources import data_root
+
+    rows = [json.loads(line) for line in (data_root("demo") / "sst2" / "train.jsonl").read_text().splitlines()]
+    paths = {}
+    for split, part in (("train", rows[:n_train]), ("test", rows[n_train : n_train + n_test])):
+        path = tmp_path / f"{split}.jsonl"
+        path.write_text("".join(json.dumps({"text": r["sentence"], "y": math.log1p(len(r["sentence"].split()))}) + "\n"
+                                for r in part))  # fmt: skip
+        paths[split] = path
+    return paths
+
+
+@pytest.mark.parametrize("method", ["map", "kfac_laplace"])
+def test_regression_run_writes_regression_metrics(tmp_path, method):
+    paths = _regression_files(tmp_path)
+    cfg = _cfg(tmp_path / "results", "data=jsonl", f"data.options.paths.train={paths['train']}",
+               f"data.options.paths.test={paths['test']}", "data.options.label_field=y",
+               "data.options.label_names=null", "data.options.task_type=regression", "data.options.noise=fit",
+               f"method={method}", "data.max_train=null", "data.max_eval=null")  # fmt: skip
+    result = run(cfg)
+    run_dir = Path(result["run_dir"])
+    stored = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("nll", "rmse", "cov50", "cov90", "cov95", "rce"):
+        assert stored[key] == pytest.approx(stored["splits"]["test"][key])
+    assert "acc" not in stored and "ece" not in stored and "test_ts" not in stored["splits"]
+    assert stored["num_classes"] == 1 and stored["map"]["noise_std"] > 0
+    assert not (run_dir / "reliability.png").exists()
+    from bayeslora.metrics import Predictions
+
+    saved = Predictions.from_state_dict(torch.load(run_dir / "predictions.pt", weights_only=True)["test"])
+    assert saved.labels.shape == (24, 1) and saved.metrics() == pytest.approx(stored["splits"]["test"])
+    assert "RMSE" in format_table(stored) and "ACC" not in format_table(stored)
+    tables = make_tables(tmp_path / "results")
+    assert "RMSE" in tables["md"] and "ACC" not in tables["md"] and "ECE" not in tables["md"]
+    from bayeslora.figures import make_figures
+
+    with pytest.raises(ValueError, match="regression runs have no reliability figures"):
+        make_figures(tmp_path / "results", tmp_path / "figures")

@@ -30,13 +30,18 @@ class PadCollator:
         self.padding_side = padding_side
 
     def __call__(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        """Rows ``{input_ids, attention_mask, [token_type_ids], labels}`` -> tensors ``[B, L]`` and ``labels [B]``."""
+        """Rows ``{input_ids, attention_mask, [token_type_ids], labels}`` -> tensors ``[B, L]`` and ``labels [B]``
+        (long class indices), or ``[B, 1]`` float32 for real (regression) targets."""
         length = max(len(r["input_ids"]) for r in rows)
         batch = {"input_ids": self._pad([r["input_ids"] for r in rows], length, self.pad_token_id)}
         for key, fill in _PAD_VALUES.items():
             if key in rows[0]:
                 batch[key] = self._pad([r[key] for r in rows], length, fill)
-        batch["labels"] = torch.tensor([int(r["labels"]) for r in rows], dtype=torch.long)
+        values = [r["labels"] for r in rows]
+        if any(isinstance(v, float) for v in values):  # regression targets: [B, 1], shaped like the one output
+            batch["labels"] = torch.tensor([[float(v)] for v in values], dtype=torch.float32)
+        else:
+            batch["labels"] = torch.tensor([int(v) for v in values], dtype=torch.long)
         return batch
 
     def _pad(self, seqs: Sequence[Any], length: int, fill: int) -> torch.Tensor:

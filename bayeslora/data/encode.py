@@ -71,7 +71,7 @@ def encode(
         max_length: truncation length in tokens (special tokens included).
         template: the ``mc`` prompt template.
         option_words: the ``mc`` options of a classification task (None: each record's choices).
-        label_names: the C class names, stored as the ``ClassLabel`` of ``labels``.
+        label_names: the C class names, stored as the ``ClassLabel`` of ``labels`` (empty: float regression targets).
         task: task name, stored in ``info.dataset_name``.
         split: split role, stored as the dataset's split.
 
@@ -82,7 +82,10 @@ def encode(
         enc = _tokenize_mc(records, tokenizer, max_length, template, option_words)
     else:
         enc = _tokenize_seq_cls(records, tokenizer, max_length)
-    labels = ([r["label"] for r in records], datasets.ClassLabel(names=list(label_names)))
+    if label_names:
+        labels = ([r["label"] for r in records], datasets.ClassLabel(names=list(label_names)))
+    else:  # a regression task: real targets
+        labels = ([float(r["label"]) for r in records], datasets.Value("float64"))
     return _dataset(enc, labels, f"bayeslora task {task!r}, format {format!r}, split {split!r}", task, format, split)
 
 

@@ -8,6 +8,10 @@ Example::
 Labels are names in ``label_names`` or int indices into it. With ``choices_field`` each row holds its C answer
 options (C = ``len(label_names)``, e.g. ``label_names=["A", "B", "C", "D"]``) and the label is an option position.
 Paths are used as given (``~`` expanded); the data root does not apply to them.
+
+``task_type="regression"`` reads real-valued labels (numbers or numeric strings) and needs no ``label_names``; the
+task's readout is :class:`~bayeslora.readout.SequenceRegression` (one output, Gaussian likelihood with ``noise_std``
+and ``noise="fixed"`` or ``"fit"``), on the ``seq_cls`` format (an encoder head loaded with ``num_labels=1``).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from . import normalize as N
 from .sources import load_file
 
 ROLES = ("train", "validation", "test")
+TASK_TYPES = ("classification", "regression")
 _EXAMPLE = (
     "e.g. paths={'train': 'train.jsonl', 'test': 'test.jsonl'}, text_fields=['text'], label_field='label', "
     "label_names=['negative', 'positive']"
@@ -37,8 +42,15 @@ class GenericOptions:
     paths: dict[str, Path]
     text_fields: tuple[str, ...]
     label_field: str
-    label_names: tuple[str, ...]
+    label_names: tuple[str, ...] | None  # None: regression
     choices_field: str | None = None
+    task_type: str = "classification"
+    noise_std: float = 1.0
+    noise: str = "fixed"
+
+    @property
+    def regression(self) -> bool:
+        return self.task_type == "regression"
 
     def normalizer(self) -> N.Normalizer:
         """The row normaliser these options describe."""
@@ -52,17 +64,36 @@ def parse_options(task: str, options: Mapping[str, Any]) -> GenericOptions:
         TypeError: a required option is missing or has the wrong type.
         ValueError: a bad value (paths without train/test, unknown split names, too few or repeated label names).
     """
-    missing = [k for k in ("paths", "text_fields", "label_field", "label_names") if options.get(k) is None]
+    task_type = options.get("task_type") or "classification"
+    if task_type not in TASK_TYPES:
+        raise ValueError(f"task_type: expected one of {list(TASK_TYPES)}, got {task_type!r}.")
+    regression = task_type == "regression"
+    required = ("paths", "text_fields", "label_field") + (() if regression else ("label_names",))
+    missing = [k for k in required if options.get(k) is None]
     if missing:
         raise TypeError(f"task_kwargs: task {task!r} needs {missing}; got {sorted(options)}; {_EXAMPLE}.")
+    if regression:
+        wrong = [k for k in ("label_names", "choices_field") if options.get(k) is not None]
+        if wrong:
+            raise ValueError(
+                f"task_type: a regression task has real-valued labels and no classes or options; remove {wrong} "
+                "(set them to null)."
+            )
+    else:
+        wrong = [k for k in ("noise_std", "noise") if options.get(k) is not None]
+        if wrong:
+            raise ValueError(f"{wrong}: the observation noise belongs to task_type='regression'; remove them.")
     return GenericOptions(
         paths=_paths(options["paths"]),
         text_fields=_text_fields(options["text_fields"]),
         label_field=_field_name("label_field", options["label_field"]),
-        label_names=_label_names(options["label_names"]),
+        label_names=None if regression else _label_names(options["label_names"]),
         choices_field=None
         if options.get("choices_field") is None
         else _field_name("choices_field", options["choices_field"]),
+        task_type=task_type,
+        noise_std=1.0 if options.get("noise_std") is None else options["noise_std"],
+        noise=options.get("noise") or "fixed",
     )
 
 

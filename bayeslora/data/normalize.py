@@ -17,6 +17,7 @@ label set; :func:`normalize_rows` turns that into a ``ValueError`` naming the ta
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypedDict
 
@@ -27,7 +28,7 @@ class Record(TypedDict):
     text: str
     text_pair: str | None
     choices: list[str] | None
-    label: int
+    label: int | float  # a class index; a float target for a regression task
 
 
 Row = Mapping[str, Any]
@@ -87,13 +88,24 @@ def normalize_rows(task: str, split: str, rows: Iterable[Row], normalize: Normal
     return records, dropped
 
 
-def _record(text: Any, label: int, text_pair: Any = None, choices: Sequence[Any] | None = None) -> Record:
+def _record(text: Any, label: int | float, text_pair: Any = None, choices: Sequence[Any] | None = None) -> Record:
     return {
         "text": str(text).strip(),
         "text_pair": None if text_pair is None else str(text_pair).strip(),
         "choices": None if choices is None else [str(c).strip() for c in choices],
-        "label": int(label),
+        "label": float(label) if isinstance(label, float) else int(label),
     }
+
+
+def float_label(value: Any) -> float:
+    """A regression target: a finite number (or a numeric string, as CSV cells are)."""
+    try:
+        out = float(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError):
+        out = math.nan
+    if isinstance(value, bool) or not math.isfinite(out):
+        raise ValueError(f"labels: a regression target must be a finite number, got {value!r}; fix the data.")
+    return out
 
 
 def _int_label(value: Any, n: int) -> int:
@@ -223,17 +235,21 @@ def label_index(value: Any, names: Sequence[str]) -> int:
 
 
 def generic(
-    text_fields: Sequence[str], label_field: str, label_names: Sequence[str], choices_field: str | None = None
+    text_fields: Sequence[str],
+    label_field: str,
+    label_names: Sequence[str] | None,
+    choices_field: str | None = None,
 ) -> Normalizer:
     """Normaliser for user files (the ``jsonl`` / ``csv`` tasks).
 
     Args:
         text_fields: one field (``text``) or two (``text``, ``text_pair``).
         label_field: the label field; values are names in ``label_names`` or int indices.
-        label_names: the C class names (for multiple choice: the names of the option positions).
+        label_names: the C class names (for multiple choice: the names of the option positions); None: the labels
+            are real regression targets (:func:`float_label`).
         choices_field: optional field holding the C answer options of each row.
     """
-    names = [str(n) for n in label_names]
+    names = None if label_names is None else [str(n) for n in label_names]
 
     def normalize(row: Row) -> Record:
         pair = row[text_fields[1]] if len(text_fields) == 2 else None
@@ -245,6 +261,7 @@ def generic(
                     f"choices_field: expected field {choices_field!r} to hold a list of options, got "
                     f"{type(choices).__name__} {choices!r}."
                 )
-        return _record(row[text_fields[0]], label_index(row[label_field], names), text_pair=pair, choices=choices)
+        label = float_label(row[label_field]) if names is None else label_index(row[label_field], names)
+        return _record(row[text_fields[0]], label, text_pair=pair, choices=choices)
 
     return normalize

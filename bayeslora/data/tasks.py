@@ -19,7 +19,7 @@ from typing import Any
 import datasets
 
 from ..formats import FORMATS, PADDING_SIDE
-from ..readout import AnswerTokenLogits, Readout, SequenceClassificationLogits
+from ..readout import AnswerTokenLogits, Readout, SequenceClassificationLogits, SequenceRegression
 from ..validate import is_int
 from . import generic as G
 from .encode import encode
@@ -58,8 +58,13 @@ class TaskData:
 
     @property
     def num_classes(self) -> int:
-        """C, the number of classes."""
-        return len(self.label_names)
+        """C, the number of classes (1 for a regression task: its one output)."""
+        return self.readout.num_classes if self.is_regression else len(self.label_names)
+
+    @property
+    def is_regression(self) -> bool:
+        """Whether the labels are real targets (a Gaussian likelihood) instead of class indices."""
+        return self.readout.likelihood.name != "categorical"
 
     @property
     def padding_side(self) -> str:
@@ -114,9 +119,13 @@ def build_task(
     _check_arguments(format, max_length, max_train, max_eval, val_size, seed)
     _check_options(spec, task_kwargs)
     generic_opts = G.parse_options(name, task_kwargs) if spec.generic else None
-    names = list(generic_opts.label_names) if generic_opts else None
-    num_classes = len(names) if names else int(spec.num_classes or 0)
-    readout = _readout(format, tokenizer, num_classes, answers)  # fails fast on multi-token answers
+    regression = bool(generic_opts and generic_opts.regression)
+    names = list(generic_opts.label_names) if generic_opts and not regression else None
+    num_classes = 1 if regression else len(names) if names else int(spec.num_classes or 0)
+    if regression:
+        readout = _regression_readout(format, generic_opts, answers)
+    else:
+        readout = _readout(format, tokenizer, num_classes, answers)  # fails fast on multi-token answers
     info: dict[str, Any] = {"task": name, "format": format, "num_classes": num_classes}
     info["answers"] = list(readout.answers) if format == "mc" else None
 
@@ -126,7 +135,12 @@ def build_task(
     splits, how = _make_splits(records, sources, val_size, seed)
     info["sizes_before_subsampling"] = {role: len(splits[role]) for role in ROLES}
     limits = {"train": ("max_train", max_train), "validation": ("max_eval", max_eval), "test": ("max_eval", max_eval)}
-    label_names = letters(num_classes) if format == "mc" else list(names or spec.label_names or letters(num_classes))
+    if regression:
+        label_names = []
+    elif format == "mc":
+        label_names = letters(num_classes)
+    else:
+        label_names = list(names or spec.label_names or letters(num_classes))
     option_words = _option_words(spec, generic_opts)
     encoded = {}
     for role in ROLES:
@@ -136,7 +150,7 @@ def build_task(
         rows = subsample(splits[role], limit, sub_seed, f"subsample-{role}")
         if len(rows) < len(splits[role]):
             how[role] += f"; subsampled to {len(rows)} of {len(splits[role])} rows ({arg}={limit}, seed={sub_seed})"
-        _check_split(name, role, rows, num_classes, arg, limit)
+        _check_split(name, role, rows, 0 if regression else num_classes, arg, limit)
         encoded[role] = encode(
             rows,
             tokenizer,
@@ -225,6 +239,15 @@ def _check_options(spec: TaskSpec, options: Mapping[str, Any]) -> None:
         )
 
 
+def _regression_readout(format: str, opts: G.GenericOptions, answers: Sequence[str] | None) -> Readout:
+    if format != "seq_cls" or answers is not None:
+        raise ValueError(
+            f"format: a regression task reads one output of a sequence head (format='seq_cls', no data.answers); got "
+            f"format={format!r}, answers={answers!r}."
+        )
+    return SequenceRegression(opts.noise_std, noise=opts.noise)
+
+
 def _readout(format: str, tokenizer: Any, num_classes: int, answers: Sequence[str] | None = None) -> Readout:
     if answers is not None:
         if format != "mc":
@@ -242,7 +265,7 @@ def _readout(format: str, tokenizer: Any, num_classes: int, answers: Sequence[st
 
 def _option_words(spec: TaskSpec, opts: G.GenericOptions | None) -> list[str] | None:
     if opts is not None:
-        return None if opts.choices_field else list(opts.label_names)
+        return None if opts.choices_field or opts.label_names is None else list(opts.label_names)
     return list(spec.option_words) if spec.option_words else None
 
 
@@ -330,7 +353,7 @@ def _check_split(task: str, role: str, rows: list[Record], num_classes: int, arg
             "(and the subjects / filters)."
         )
     for i, r in enumerate(rows):
-        if not 0 <= r["label"] < num_classes:
+        if num_classes and not 0 <= r["label"] < num_classes:  # 0: regression targets
             raise ValueError(
                 f"labels: task {task!r} split {role!r} row {i} has label {r['label']}; expected one of "
                 f"{list(range(num_classes))}. Fix the data or the label set."

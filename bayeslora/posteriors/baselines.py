@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..adapter_state import list_checkpoints, load_checkpoint
-from ..calibration import fit_temperature, temperature_predictive
+from ..calibration import fit_temperature, require_categorical, temperature_predictive
 from ..function import AdapterFn, lora_dropout_only, model_mode
 from ..predictive import Predictive
 from ..rng import forked, seed_from
@@ -69,6 +69,7 @@ class TemperatureScaling:
         return Needs(map_adapter=base.map_adapter, validation=True, checkpoints=base.checkpoints)
 
     def fit(self, fn: AdapterFn, loader, *, val_loader=None, checkpoints=None) -> TemperatureScaling:
+        require_categorical(fn, "method=temperature")
         if val_loader is None:
             raise ValueError(
                 "val_loader: temperature scaling needs a validation split to fit T; pass val_loader= "
@@ -156,10 +157,10 @@ class MCDropout:
         s = sample_count(self.name, n_samples, self.n_samples)
         if s == 0:  # the posterior mean: dropout off, the fine-tuned adapter
             with model_mode(fn.model, False):
-                return Predictive.point(fn(values, batch))
+                return Predictive.point(fn(values, batch), likelihood=fn.likelihood)
         mode = model_mode(fn.model, True) if self.include_model_dropout else lora_dropout_only(fn.model)
         with forked(fn.device, seed_from(generator)), mode, _dropout_p(fn.model, self.p):
-            return Predictive(torch.stack([fn(values, batch) for _ in range(s)]))
+            return Predictive(torch.stack([fn(values, batch) for _ in range(s)]), likelihood=fn.likelihood)
 
     def config(self) -> dict[str, Any]:
         return {"n_samples": self.n_samples, "p": self.p, "include_model_dropout": self.include_model_dropout}
@@ -249,7 +250,7 @@ class CheckpointEnsemble:
         members = require_fitted(self, "members")
         sample_count(self.name, n_samples, len(members), mean=False, fixed=len(members))
         with model_mode(fn.model, False):
-            return Predictive(torch.stack([fn(values, batch) for values in members]))
+            return Predictive(torch.stack([fn(values, batch) for values in members]), likelihood=fn.likelihood)
 
     def config(self) -> dict[str, Any]:
         return {"m": self.m, "checkpoint_dir": self.checkpoint_dir}

@@ -174,7 +174,7 @@ class Ensemble:
                 "AdapterParams selection the ensemble was fitted with."
             )
         with model_mode(fn.model, False):
-            return Predictive(torch.stack([fn(values, batch) for values in members]))
+            return Predictive(torch.stack([fn(values, batch) for values in members]), likelihood=fn.likelihood)
 
     def config(self) -> dict[str, Any]:
         return {

@@ -24,6 +24,10 @@ contracted immediately, so memory is one forward graph plus ``[B, C, out, in']``
 Links: probit, ``softmax(f_μ / √(1 + π/8 · diag f_Σ))`` (Spiegelhalter & Lauritzen 1990; MacKay
 1992), or Monte Carlo in logit space, ``f_μ + L ε`` with ``L Lᵀ = f_Σ`` (cheap for thousands of
 samples).
+
+For a Gaussian likelihood the link is the identity and the predictive is exact: ``N(f_μ, f_Σ + σ² I)``
+(:func:`glm_predictive`: one component ``f_μ`` with the closed-form variance ``diag f_Σ``, whatever the configured
+link; for ``O > 1`` outputs the marginals are kept, i.e. the off-diagonal of ``f_Σ`` is dropped).
 """
 
 from __future__ import annotations
@@ -156,6 +160,30 @@ def mc_logits(
     root = vecs * vals.clamp_min(0.0).sqrt()[..., None, :]  # [B, C, C]
     eps = torch.randn(n_samples, *mean.shape, generator=generator, device=mean.device, dtype=torch.float64)
     return (mean.double() + torch.einsum("bcd,sbd->sbc", root, eps)).float()
+
+
+def glm_predictive(
+    likelihood,
+    mean: torch.Tensor,
+    cov: torch.Tensor,
+    link: str,
+    n_samples: int = 1,
+    generator: torch.Generator | None = None,
+    *,
+    with_epistemic: bool = False,
+    seed: int = 0,
+):
+    """The GLM predictive of ``N(f_μ, f_Σ)`` over the outputs under ``likelihood``: for class logits the probit
+    (``link="glm_probit"``; its MI as the epistemic score when ``with_epistemic``) or ``n_samples`` MC logit samples;
+    for a Gaussian likelihood the exact ``N(f_μ, f_Σ + σ²)`` (module docstring)."""
+    from ..predictive import Predictive
+
+    if likelihood.name != "categorical":
+        return Predictive(mean[None], likelihood=likelihood, variance=torch.diagonal(cov, dim1=-2, dim2=-1))
+    if link == "glm_probit":
+        score = epistemic(mean, cov, generator, seed) if with_epistemic else None
+        return Predictive.point(probit(mean, cov), score)
+    return Predictive(mc_logits(mean, cov, n_samples, generator))
 
 
 EPISTEMIC_SAMPLES = 512  # logit samples of the GLM Gaussian for the probit predictive's mutual information

@@ -69,7 +69,8 @@ class Laplace:
         kfac_approx: ``"reduce"`` (sequence-level loss, default) or ``"expand"`` (laplace-torch's default).
         rank: eigenpairs kept for a low-rank Kronecker side (None: always full).
         lowrank_threshold: Kronecker sides with at least this many rows are low-rank.
-        predictive: ``"glm_probit"`` (default), ``"glm_mc"`` (MC in logit space) or ``"sampling"`` (weights).
+        predictive: ``"glm_probit"`` (default), ``"glm_mc"`` (MC in logit space) or ``"sampling"`` (weights). For a
+            Gaussian (regression) readout both GLM options give the exact ``N(f_MAP, J Σ Jᵀ + σ²)``.
         n_samples: default samples (None: 1000 for glm_mc, 32 for sampling).
         prior_precision: λ, the fixed prior precision or the starting point of its fit.
         prior_fit: ``"none"``, ``"marglik"`` or ``"val_nll"`` (needs ``val_loader``).
@@ -158,11 +159,6 @@ class Laplace:
                 "val_loader: prior_fit='val_nll' tunes λ on a validation split; pass val_loader= or use "
                 "prior_fit='marglik'."
             )
-        if fn.likelihood.name != "categorical":
-            raise ValueError(
-                f"likelihood: the Laplace GLM predictive is built for class logits (categorical); the readout's "
-                f"likelihood is {fn.likelihood.name!r}. Use a VI method or an ensemble for it."
-            )
         engine = make_engine(self.backend, self.settings())
         engine.fit(fn, loader, self.select(fn), val_loader, dataset_size(loader))
         self.engine = engine
@@ -224,7 +220,7 @@ class Laplace:
         s = self._samples(n_samples)
         if s == 0:
             with torch.no_grad(), model_mode(fn.model, False):
-                return Predictive.point(fn(engine.mean_values(), batch))
+                return Predictive.point(fn(engine.mean_values(), batch), likelihood=fn.likelihood)
         return engine.predict(fn, self.select(fn), batch, s, generator)
 
     def sample(self, fn: AdapterFn, n_samples: int, generator=None) -> list[dict[str, torch.Tensor]]:

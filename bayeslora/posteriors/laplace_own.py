@@ -48,7 +48,7 @@ from ..params import ParamGroup
 from ..predictive import Predictive
 from ..progress import bar as progress_bar
 from . import require_fitted
-from .glm import coordinates, epistemic, functional_covariance, mc_logits, probit
+from .glm import coordinates, functional_covariance, glm_predictive
 from .kfac import Factor, as_matrix, factor_from_state, fit_curvature, from_matrix
 
 DEFAULT_SAMPLES = {"glm_probit": 1, "glm_mc": 1000, "sampling": 32}
@@ -153,6 +153,7 @@ class OwnLaplace:
         candidates = grid[:, None] * base[None, :]  # [K, L]
         nll = torch.zeros(points, dtype=torch.float64)
         generator = torch.Generator(device=fn.device)
+        link = "glm_mc" if self.s.predictive == "glm_mc" else "glm_probit"  # "sampling" tunes λ with the probit
         groups = self.match_groups(fn, self.groups)
         n = 0
         with model_mode(fn.model, False):
@@ -161,12 +162,9 @@ class OwnLaplace:
                 cov = functional_covariance(coords, self.factors, self.num_data, candidates.to(fn.device))
                 labels = fn.labels(batch)
                 for k in range(points):
-                    if self.s.predictive == "glm_mc":
-                        generator.manual_seed(self.s.seed)
-                        logits = mc_logits(coords.mean, cov[k], self.s.samples(), generator)
-                    else:
-                        logits = probit(coords.mean, cov[k])[None]
-                    nll[k] -= float(Predictive(logits).log_probs.gather(1, labels[:, None].to(logits.device)).sum())
+                    generator.manual_seed(self.s.seed)
+                    pred = glm_predictive(fn.likelihood, coords.mean, cov[k], link, self.s.samples(), generator)
+                    nll[k] -= float(pred.log_likelihood(labels).sum())
                 n += labels.shape[0]
         if n == 0:
             raise ValueError("val_loader: yielded no batches; prior_fit='val_nll' needs a non-empty validation split.")
@@ -216,15 +214,15 @@ class OwnLaplace:
         return coords.mean, functional_covariance(coords, self.factors, self.num_data, self.prior.to(fn.device))
 
     def predict(self, fn: AdapterFn, selected, batch, n_samples: int, generator) -> Predictive:
-        """Probit logits ``[1, B, C]`` (with the MI of the logit Gaussian), or ``n_samples`` samples ``[S, B, C]``."""
+        """Probit logits ``[1, B, C]`` (with the MI of the logit Gaussian), or ``n_samples`` samples ``[S, B, C]``;
+        for a Gaussian likelihood the exact GLM predictive ``N(f_μ, f_Σ + σ²)`` (:func:`.glm.glm_predictive`)."""
         if self.s.predictive == "sampling":
             with torch.no_grad(), model_mode(fn.model, False):
                 values = self.sample(fn, selected, n_samples, generator)
-                return Predictive(torch.stack([fn(v, batch) for v in values]))
+                return Predictive(torch.stack([fn(v, batch) for v in values]), likelihood=fn.likelihood)
         mean, cov = self.glm_moments(fn, selected, batch)
-        if self.s.predictive == "glm_probit":
-            return Predictive.point(probit(mean, cov), epistemic(mean, cov, generator, self.s.seed))
-        return Predictive(mc_logits(mean, cov, n_samples, generator))
+        return glm_predictive(fn.likelihood, mean, cov, self.s.predictive, n_samples, generator, with_epistemic=True,
+                              seed=self.s.seed)  # fmt: skip
 
     def sample(
         self, fn: AdapterFn, selected: Sequence[ParamGroup], n_samples: int, generator=None

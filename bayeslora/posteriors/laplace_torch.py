@@ -33,7 +33,7 @@ from torch import nn
 
 from ..function import AdapterFn, model_mode
 from ..predictive import Predictive
-from .glm import epistemic
+from .glm import epistemic, glm_predictive
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..params import ParamGroup
@@ -137,9 +137,19 @@ class LaplaceTorch:
             if cfg.fisher == "mc":
                 kron["mc_samples"] = cfg.mc_samples
             kwargs["asdl_fisher_kwargs"] = kron
+        if fn.likelihood.name == "categorical":
+            kind = "classification"
+        elif fn.likelihood.name == "gaussian" and getattr(fn.readout, "num_classes", None) == 1:
+            kind, kwargs["sigma_noise"] = "regression", fn.likelihood.noise_std
+        else:
+            raise ValueError(
+                f"likelihood: backend='laplace-torch' takes class logits or one Gaussian regression output; the "
+                f"readout has a {fn.likelihood.name!r} likelihood with {fn.readout.num_classes} outputs. Use "
+                "backend='own'."
+            )
         with self._trainable():
             self.la = make_laplace(
-                _Logits(fn), "classification", subset_of_weights="all",
+                _Logits(fn), kind, subset_of_weights="all",
                 hessian_structure="diag" if cfg.structure == "diag" else "kron",
                 prior_precision=cfg.prior_precision, dict_key_x="input_ids", dict_key_y="labels", **kwargs,
             )  # fmt: skip
@@ -215,6 +225,9 @@ class LaplaceTorch:
     def predict(self, fn: AdapterFn, groups: Sequence[ParamGroup], batch, n_samples: int, generator) -> Predictive:
         self._ready(fn, groups)
         batch = fn.to_device(batch)
+        if fn.likelihood.name != "categorical" and self.cfg.predictive != "sampling":  # exact N(f_μ, f_Σ + σ²)
+            mean, cov = self.glm_moments(fn, groups, batch)
+            return glm_predictive(fn.likelihood, mean, cov, self.cfg.predictive)
         if self.cfg.predictive == "glm_probit":  # laplace-torch's probit, with the MI of its logit Gaussian
             with self._trainable(), model_mode(fn.model, False), torch.no_grad():
                 probs = self.la(batch, pred_type="glm", link_approx="probit")
@@ -223,7 +236,7 @@ class LaplaceTorch:
         with self._trainable(), model_mode(fn.model, False), torch.no_grad():
             pred_type = "glm" if self.cfg.predictive == "glm_mc" else "nn"
             samples = self.la.functional_samples(batch, pred_type=pred_type, n_samples=n_samples, generator=generator)
-            return Predictive(samples.float())
+            return Predictive(samples.float(), likelihood=fn.likelihood)
 
     def state_dict(self) -> dict[str, Any]:
         if self.la is None:

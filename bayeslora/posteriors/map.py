@@ -31,7 +31,7 @@ class MAP:
         values = require_fitted(self, "values")
         sample_count(self.name, n_samples, 1)  # a point estimate: every valid n_samples gives its logits
         with model_mode(fn.model, False):
-            return Predictive.point(fn(values, batch))
+            return Predictive.point(fn(values, batch), likelihood=fn.likelihood)
 
     def config(self) -> dict[str, Any]:
         return {}

@@ -338,13 +338,13 @@ class Variational:
         self._ready(fn, batch)
         with model_mode(fn.model, False):
             if s == 0:
-                return Predictive.point(fn(self.mean(fn, batch), batch))
+                return Predictive.point(fn(self.mean(fn, batch), batch), likelihood=self.model.likelihood)
             seed = seed_from(generator)
             logits = []
             with forked(fn.device, seed), self.param_store():
                 for _ in range(s):
                     logits.append(fn(self._named(self.guide(batch, 1.0, False)), batch))
-            return Predictive(torch.stack(logits))
+            return Predictive(torch.stack(logits), likelihood=self.model.likelihood)
 
     # ------------------------------------------------------------------ persistence
     def config(self) -> dict[str, Any]:
