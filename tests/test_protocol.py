@@ -17,6 +17,7 @@ FAST = {  # small options so each method fits in a second on the tiny model
     "mc_dropout": {"n_samples": 3},
     "checkpoint_ensemble": {"m": 2},
     "kfac_laplace": {"prior_fit": "val_nll", "prior_grid": [1e-2, 1e2, 5]},
+    "ivon": {"max_steps": 3, "n_samples": 3, "progress": False},
 }
 
 
