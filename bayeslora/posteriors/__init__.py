@@ -101,6 +101,8 @@ METHODS: dict[str, str | tuple[str, dict[str, Any]]] = {
     "temperature": "bayeslora.posteriors.baselines:TemperatureScaling",
     "checkpoint_ensemble": "bayeslora.posteriors.baselines:CheckpointEnsemble",
     "ivon": "bayeslora.posteriors.ivon:IVONPosterior",
+    "swag": "bayeslora.posteriors.swag:SWAG",
+    "multiswag": "bayeslora.posteriors.multiswag:MultiSWAG",
 }
 
 
