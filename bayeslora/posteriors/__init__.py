@@ -103,6 +103,7 @@ METHODS: dict[str, str | tuple[str, dict[str, Any]]] = {
     "ivon": "bayeslora.posteriors.ivon:IVONPosterior",
     "swag": "bayeslora.posteriors.swag:SWAG",
     "multiswag": "bayeslora.posteriors.multiswag:MultiSWAG",
+    "tfb": "bayeslora.posteriors.tfb:TFB",
 }
 
 
