@@ -16,6 +16,7 @@ within a factor ``exp((log sigma_max − log sigma_min) / 2**n_search)`` of the 
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -29,6 +30,7 @@ from ..validate import positive, positive_int
 from . import Needs, require_fitted, sample_count
 
 METRICS = ("nll", "acc")
+logger = logging.getLogger(__name__)
 
 
 def bisect_log_sigma(passes: Callable[[float], bool], sigma_min: float, sigma_max: float, n_search: int):
@@ -129,6 +131,8 @@ class TFB:
             return better * (value - reference) >= -self.tolerance
 
         self.sigma = bisect_log_sigma(passes, self.sigma_min, self.sigma_max, self.n_search)[0]
+        logger.info("TFB: sigma %.4g (validation %s %.4f at the MAP, %d evaluations)", self.sigma, self.metric,
+                    reference, len(self.history))  # fmt: skip
         return self
 
     def validation_metric(self, fn: AdapterFn, batches, sigma: float) -> float:
