@@ -45,6 +45,11 @@ def gaussian(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 class IVONPosterior:
     """The diagonal Gaussian IVON learns while it fine-tunes the adapter.
 
+    The defaults of ``lr`` and ``hess_init`` were chosen on the validation split of the demo (MiniLM, 400 SST-2 rows,
+    8 epochs): lr=1, h₀=5 (σ₀ ≈ 0.02 at N=400) against lr=0.1, h₀=0.5 (σ₀ ≈ 0.07, which did not learn: 62.5% accuracy).
+    IVON's step is not normalised like Adam's (about lr · the gradient while the Hessian estimate stays near h₀, as it
+    does with ``beta2=0.99999`` over a short fine-tune), hence a learning rate far above AdamW's.
+
     Args:
         lr: IVON's learning rate (scaled by ``train_map``'s warm-up and linear decay).
         epochs: passes over the loader (ignored with ``max_steps``).
@@ -67,11 +72,11 @@ class IVONPosterior:
 
     def __init__(
         self,
-        lr: float = 0.1,
+        lr: float = 1.0,
         epochs: float = 1.0,
         max_steps: int | None = None,
         ess: float | None = None,
-        hess_init: float = 0.5,
+        hess_init: float = 5.0,
         beta1: float = 0.9,
         beta2: float = 0.99999,
         weight_decay: float | None = None,
