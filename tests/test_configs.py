@@ -75,7 +75,7 @@ NON_DEFAULT = {
              "seed": 3, "progress": False},
     "multiswag": {"k": 2, "train": {"lr": 1e-2}, "seeds": [3, 4], "base_seed": 2, "prior_precision": 3.0,
                   "include_current": False, "swag": {"rank": 3}, "n_samples": 4, "progress": False},
-    "tfb": {"metric": "acc", "tolerance": 0.02, "sigma_min": 1e-3, "sigma_max": 0.5, "n_search": 5,
+    "tfb": {"metric": "nll", "tolerance": 0.02, "sigma_min": 1e-3, "sigma_max": 0.5, "n_search": 5,
             "n_search_samples": 3, "n_samples": 5, "seed": 2},
 }  # fmt: skip
 NON_DEFAULT["diag_laplace"] = NON_DEFAULT["last_layer_laplace"] = NON_DEFAULT["kfac_laplace"]

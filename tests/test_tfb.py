@@ -81,7 +81,8 @@ def test_a_noise_is_isotropic_in_the_column_space_of_b():
 
 
 def test_options_and_errors():
-    p = make_posterior("tfb", metric="acc", tolerance=0.02, n_search=5)
+    p = make_posterior("tfb", metric="nll", tolerance=0.02, n_search=5)
+    assert TFB().metric == "acc"
     assert make_posterior("tfb", **p.config()).config() == p.config()
     for kwargs, match in (({"metric": "ece"}, "metric: expected one of"), ({"tolerance": 0}, "tolerance: expected"),
                           ({"sigma_min": 1.0, "sigma_max": 0.5}, "expected sigma_min < sigma_max"),

@@ -68,8 +68,12 @@ def a_noise_bases(fn: AdapterFn) -> dict[str, tuple[torch.Tensor, torch.Tensor]]
 class TFB:
     """Training-free Bayesianization: the largest isotropic low-rank σ on the A factors the validation data allow.
 
+    The default metric, accuracy within one point, was chosen on the demo's validation split (MiniLM, 400 SST-2 rows):
+    82.5% / ECE 7.4 / NLL 0.408 there, against 79.5% / 11.0 / 0.477 for NLL within 0.01 nats (the NLL of a predictive
+    that grows less confident can stay flat while its accuracy falls).
+
     Args:
-        metric: ``"nll"`` or ``"acc"``, the validation metric the search keeps near the MAP's.
+        metric: ``"acc"`` or ``"nll"``, the validation metric the search keeps near the MAP's.
         tolerance: how far the metric may move (nats of NLL, or accuracy as a fraction, e.g. 0.01 = one point).
         sigma_min, sigma_max: the search interval of σ.
         n_search: bisection steps over log σ.
@@ -83,7 +87,7 @@ class TFB:
 
     def __init__(
         self,
-        metric: str = "nll",
+        metric: str = "acc",
         tolerance: float = 0.01,
         sigma_min: float = 1e-4,
         sigma_max: float = 1.0,
