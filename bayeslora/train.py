@@ -9,7 +9,8 @@ selected adapter tensors θ. ``prior_precision`` λ is therefore the *one* numbe
 MAP weight decay (coupled L2, not AdamW's decoupled decay) and the prior precision of the
 posteriors built around the MAP.
 
-Features: AdamW, linear warm-up then linear decay, gradient accumulation, gradient clipping,
+Features: AdamW (or any optimizer from an ``optimizer`` factory), linear warm-up then linear decay (or a constant
+or cyclic learning rate: ``schedule``), gradient accumulation, gradient clipping,
 bf16 autocast on CUDA (via the AdapterFn), max steps or epochs, seeded (dropout RNG and data
 order; the caller's global RNG is left untouched), a tqdm bar with the loss, periodic adapter
 checkpoints (for checkpoint ensembles), and a clear error on a non-finite or diverging loss.
@@ -21,14 +22,21 @@ Gaussian NLL, which can be negative, too). A finite but exploding loss (``lr=1e6
 up as a finished MAP. Under ``torch.distributed`` (``torchrun``) the gradients and the loss of every optimizer
 step are averaged over the ranks, so a loader sharded with :func:`bayeslora.distributed.shard` trains like one process
 with a ``world_size``-times larger batch.
+
+Optimizer seam: ``train_map(..., optimizer=factory)`` trains with ``factory(params)`` instead of AdamW (SGD for a
+SWAG collection, IVON). An optimizer with a ``sampled_params(train=True)`` context (a variational optimizer: IVON's
+API) computes each optimizer step's gradients inside it: the weights are sampled when the step's first micro-batch
+starts, and the mean is restored (the optimizer reading the gradient) after the last micro-batch's backward, the
+gradient sync and the clipping.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -41,6 +49,9 @@ from .function import AdapterFn, model_mode
 from .progress import bar as progress_bar
 from .rng import seeded
 from .validate import positive
+
+SCHEDULES = ("linear", "constant", "cyclic")
+OptimizerFactory = Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
 
 
 @dataclass
@@ -61,6 +72,9 @@ class TrainConfig:
         progress: show a tqdm progress bar.
         divergence_factor: the divergence rule of the module docstring (None: no check).
         betas, eps: AdamW.
+        schedule: the learning rate after the warm-up: ``"linear"`` (decay to 0 at the last step), ``"constant"``,
+            or ``"cyclic"`` (in each cycle of ``cycle_steps`` steps from ``lr`` down linearly to ``lr / cycle_steps``).
+        cycle_steps: the cycle length of ``schedule="cyclic"``.
     """
 
     lr: float = 5e-4
@@ -77,6 +91,8 @@ class TrainConfig:
     divergence_factor: float | None = 10.0
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
+    schedule: str = "linear"
+    cycle_steps: int | None = None
 
     def __post_init__(self):
         positive("lr", self.lr)
@@ -91,6 +107,12 @@ class TrainConfig:
             raise ValueError(f"prior_precision: expected >= 0, got {self.prior_precision!r}.")
         if self.divergence_factor is not None:
             positive("divergence_factor", self.divergence_factor)
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule: expected one of {list(SCHEDULES)}, got {self.schedule!r}.")
+        if self.schedule == "cyclic":
+            if self.cycle_steps is None:
+                raise ValueError("cycle_steps: required with schedule='cyclic'; pass the cycle length in steps.")
+            positive("cycle_steps", self.cycle_steps, int)
         if self.checkpoint_every is not None:
             positive("checkpoint_every", self.checkpoint_every)
             if not self.checkpoint_dir:
@@ -172,8 +194,28 @@ def total_steps(config: TrainConfig, loader: DataLoader) -> int:
     return max(1, math.ceil(config.epochs * per_epoch))
 
 
+def lr_factor(config: TrainConfig, steps: int) -> Callable[[int], float]:
+    """The learning-rate multiplier of optimizer step ``s`` (0-based) under ``config``'s warm-up and schedule."""
+    warm = int(config.warmup_ratio * steps)
+
+    def factor(s: int) -> float:
+        if s < warm:
+            return (s + 1) / warm
+        if config.schedule == "constant":
+            return 1.0
+        if config.schedule == "cyclic":
+            return 1.0 - ((s - warm) % config.cycle_steps) / config.cycle_steps
+        return min(1.0, max(0.0, (steps - s) / max(steps - warm, 1)))
+
+    return factor
+
+
 def train_map(
-    fn: AdapterFn, loader: DataLoader, config: TrainConfig | None = None, callbacks: Sequence[TrainCallback] = ()
+    fn: AdapterFn,
+    loader: DataLoader,
+    config: TrainConfig | None = None,
+    callbacks: Sequence[TrainCallback] = (),
+    optimizer: OptimizerFactory | None = None,
 ) -> TrainResult:
     """Train the adapter in place to the MAP of CE + Gaussian prior.
 
@@ -183,6 +225,8 @@ def train_map(
         config: hyper-parameters (defaults: :class:`TrainConfig`).
         callbacks: :class:`TrainCallback` hooks, called after every optimizer step and epoch (``checkpoint_every``
             adds a :class:`Checkpointer` after them).
+        optimizer: a factory ``params -> torch.optim.Optimizer`` (the module docstring's optimizer seam; its
+            learning rate is scaled by the schedule); None: AdamW with ``config``'s ``lr``, ``betas``, ``eps``.
 
     Returns:
         A :class:`TrainResult`. The model's adapter now holds the trained values.
@@ -196,19 +240,24 @@ def train_map(
     for p in params.values():
         p.requires_grad_(True)
     prior_names = set(fn.params.names)
-    opt = torch.optim.AdamW(list(params.values()), lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=0.0)
+    if optimizer is None:
+        opt = torch.optim.AdamW(
+            list(params.values()), lr=config.lr, betas=config.betas, eps=config.eps, weight_decay=0.0
+        )
+    else:
+        opt = optimizer(list(params.values()))
+        if not isinstance(opt, torch.optim.Optimizer):
+            raise TypeError(f"optimizer: the factory returned {type(opt).__name__}; expected a torch.optim.Optimizer.")
+    sampled = getattr(opt, "sampled_params", None)  # a variational optimizer: gradients at sampled weights
     steps = total_steps(config, loader)
-    warm = int(config.warmup_ratio * steps)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / max(warm, 1), max(0.0, (steps - s) / max(steps - warm, 1)))
-    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(config, steps))
     result = TrainResult(steps=0, losses=[], num_train=n, config=asdict(config))
     checkpointer = Checkpointer(config.checkpoint_every, config.checkpoint_dir) if config.checkpoint_every else None
     hooks = [*callbacks, *([checkpointer] if checkpointer else [])]
     epoch = 0
     start = time.perf_counter()
     bar = progress_bar(desc="train_map", total=steps, enabled=config.progress)
-    with seeded(loader, config.seed, fn.device), model_mode(fn.model, True):
+    with seeded(loader, config.seed, fn.device), model_mode(fn.model, True), contextlib.ExitStack() as sampling:
         micro, running = 0, 0.0
 
         def end_epoch() -> None:
@@ -221,6 +270,8 @@ def train_map(
 
         while result.steps < steps:
             for i, batch in enumerate(loader):
+                if sampled is not None and micro % config.grad_accum == 0:
+                    sampling.enter_context(sampled(train=True))  # this step's weight sample
                 logits = fn(None, batch)
                 data_loss = fn.likelihood.nll(logits, fn.labels(batch))
                 if not torch.isfinite(data_loss):
@@ -240,6 +291,7 @@ def train_map(
                 running = distributed.sync_step_(list(params.values()), running)  # no-op on one process
                 if config.clip is not None:
                     torch.nn.utils.clip_grad_norm_(list(params.values()), config.clip)
+                sampling.close()  # a variational optimizer reads the gradient and restores its mean
                 lr = opt.param_groups[0]["lr"]
                 opt.step()
                 sched.step()

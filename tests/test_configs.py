@@ -67,6 +67,16 @@ NON_DEFAULT = {
     "mc_dropout": {"n_samples": 4, "p": 0.2, "include_model_dropout": True},
     "temperature": {"base": "mc_dropout", "base_options": {"n_samples": 3}, "n_samples": 3, "prior_precision": 2.0},
     "checkpoint_ensemble": {"m": 2, "checkpoint_dir": "/tmp/ckpts"},
+    "ivon": {"lr": 0.2, "epochs": 2.0, "max_steps": 7, "ess": 1e4, "hess_init": 0.3, "beta1": 0.8, "beta2": 0.999,
+             "weight_decay": 1e-3, "prior_precision": 2.0, "clip_radius": 0.01, "warmup_ratio": 0.1, "grad_accum": 2,
+             "clip": 1.0, "n_samples": 5, "seed": 3, "progress": False},
+    "swag": {"n_snapshots": 4, "collect_every": 2, "rank": 3, "lr": 1e-3, "schedule": "cyclic", "optimizer": "sgd",
+             "momentum": 0.5, "scale": 1.0, "prior_precision": 2.0, "grad_accum": 2, "clip": None, "n_samples": 5,
+             "seed": 3, "progress": False},
+    "multiswag": {"k": 2, "train": {"lr": 1e-2}, "seeds": [3, 4], "base_seed": 2, "prior_precision": 3.0,
+                  "include_current": False, "swag": {"rank": 3}, "n_samples": 4, "progress": False},
+    "tfb": {"metric": "nll", "tolerance": 0.02, "sigma_min": 1e-3, "sigma_max": 0.5, "n_search": 5,
+            "n_search_samples": 3, "n_samples": 5, "seed": 2},
 }  # fmt: skip
 NON_DEFAULT["diag_laplace"] = NON_DEFAULT["last_layer_laplace"] = NON_DEFAULT["kfac_laplace"]
 NON_DEFAULT["vi_lowrank"] = NON_DEFAULT["vi_blob"] = NON_DEFAULT["vi_meanfield"]

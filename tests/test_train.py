@@ -1,8 +1,10 @@
+import contextlib
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import TokenDataset, tiny_fn
+from helpers import TokenDataset, linear_toy_fn, tiny_fn, token_batch
+from torch.utils.data import DataLoader
 
 from bayeslora.adapter_state import list_checkpoints, load_checkpoint
 from bayeslora.function import model_mode
@@ -128,3 +130,92 @@ def test_callbacks_see_every_step_and_epoch(tmp_path):
     for path, snap in zip(result.checkpoints, rec.snap[1::2]):  # the checkpointer is a callback like any other
         saved = torch.load(path, weights_only=True)["values"]
         assert all(torch.equal(saved[k], snap[k].cpu()) for k in saved)
+
+
+def test_schedules_constant_and_cyclic():
+    from bayeslora.train import TrainCallback
+
+    class Lrs(TrainCallback):
+        def __init__(self):
+            self.lrs = []
+
+        def on_step(self, state):
+            self.lrs.append(state.lr)
+
+    fn, _ = tiny_fn("bert")
+    ds = TokenDataset(16, seed=1)
+    for schedule, extra, want in (
+        ("constant", {}, [1e-2] * 6),
+        ("cyclic", {"cycle_steps": 3}, [1e-2, 1e-2 * 2 / 3, 1e-2 / 3] * 2),
+    ):
+        rec = Lrs()
+        config = TrainConfig(lr=1e-2, max_steps=6, warmup_ratio=0.0, schedule=schedule, progress=False, **extra)
+        train_map(fn, ds.loader(8), config, callbacks=[rec])
+        assert rec.lrs == pytest.approx(want)
+    with pytest.raises(ValueError, match="schedule: expected one of"):
+        TrainConfig(schedule="cosine")
+    with pytest.raises(ValueError, match="cycle_steps: required with schedule='cyclic'"):
+        TrainConfig(schedule="cyclic")
+
+
+def test_an_optimizer_factory_replaces_adamw():
+    """SGD through the seam: one step moves the adapter by exactly -lr * grad (clip off, constant lr)."""
+    from bayeslora.adapter_state import trainable_parameters
+
+    fn = linear_toy_fn()  # no dropout: the gradient of train mode is the gradient here
+    batch = token_batch(8)
+    params = trainable_parameters(fn)
+    loss = fn.likelihood.nll(fn(None, batch), fn.labels(batch))
+    grads = dict(zip(params, torch.autograd.grad(loss, list(params.values()))))
+    before = {n: p.detach().clone() for n, p in params.items()}
+    config = TrainConfig(lr=0.1, max_steps=1, warmup_ratio=0.0, clip=None, schedule="constant", progress=False)
+    train_map(fn, DataLoader([batch], batch_size=None), config, optimizer=lambda ps: torch.optim.SGD(ps, lr=0.1))
+    for n, p in params.items():
+        torch.testing.assert_close(p.detach(), before[n] - 0.1 * grads[n], rtol=1e-5, atol=1e-7)
+    with pytest.raises(TypeError, match="optimizer: the factory returned"):
+        train_map(fn, DataLoader([batch], batch_size=None), config, optimizer=lambda ps: ps)
+
+
+class ShiftedSGD(torch.optim.SGD):
+    """SGD whose gradients are taken at the weights + ``shift`` (a variational optimizer's ``sampled_params`` API)."""
+
+    def __init__(self, params, lr, shift):
+        super().__init__(params, lr=lr)
+        self.shift, self.entered, self.read = shift, 0, []
+
+    @contextlib.contextmanager
+    def sampled_params(self, train=False):
+        ps = [p for g in self.param_groups for p in g["params"]]
+        self.entered += 1
+        with torch.no_grad():
+            for p in ps:
+                p.add_(self.shift)
+        yield
+        with torch.no_grad():
+            for p in ps:
+                p.sub_(self.shift)
+        self.read.append([p.grad.clone() for p in ps])
+
+
+def test_a_sampling_optimizer_gets_gradients_at_its_sample_once_per_step():
+    from bayeslora.adapter_state import trainable_parameters
+
+    fn = linear_toy_fn()
+    batches = [token_batch(4, seed=1), token_batch(4, seed=2)]
+    params = trainable_parameters(fn)
+    before = {n: p.detach().clone() for n, p in params.items()}
+    shifted = {n: (v + 0.05).requires_grad_(True) for n, v in before.items()}
+    total = sum(fn.likelihood.nll(fn(shifted, b), fn.labels(b)) for b in batches) / 2  # grad_accum=2: one step
+    grads = dict(zip(params, torch.autograd.grad(total, list(shifted.values()))))
+    made = []
+
+    def factory(ps):
+        made.append(ShiftedSGD(ps, lr=0.1, shift=0.05))
+        return made[0]
+
+    config = TrainConfig(lr=0.1, max_steps=1, grad_accum=2, warmup_ratio=0.0, clip=None, schedule="constant",
+                         progress=False)  # fmt: skip
+    train_map(fn, DataLoader(batches, batch_size=None), config, optimizer=factory)
+    assert made[0].entered == 1 and len(made[0].read) == 1  # one sample for the step's two micro-batches
+    for n, p in params.items():  # the mean moved by the gradient taken at the sample
+        torch.testing.assert_close(p.detach(), before[n] - 0.1 * grads[n], rtol=1e-4, atol=1e-6)

@@ -100,6 +100,10 @@ METHODS: dict[str, str | tuple[str, dict[str, Any]]] = {
     "mc_dropout": "bayeslora.posteriors.baselines:MCDropout",
     "temperature": "bayeslora.posteriors.baselines:TemperatureScaling",
     "checkpoint_ensemble": "bayeslora.posteriors.baselines:CheckpointEnsemble",
+    "ivon": "bayeslora.posteriors.ivon:IVONPosterior",
+    "swag": "bayeslora.posteriors.swag:SWAG",
+    "multiswag": "bayeslora.posteriors.multiswag:MultiSWAG",
+    "tfb": "bayeslora.posteriors.tfb:TFB",
 }
 
 
