@@ -18,7 +18,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from .likelihoods import Categorical, Likelihood
+from .likelihoods import Categorical, Likelihood, TokenCategorical
 
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -157,6 +157,49 @@ class AnswerTokenLogits:
         return {"type": "answer_token", "token_ids": self.token_ids, "answers": self.answers}
 
 
+class TokenLogits:
+    """The LM logits at every position ``[B, T, V]`` (float32) for a token-level likelihood (free-text targets).
+
+    The likelihood (:class:`~bayeslora.likelihoods.TokenCategorical`) pairs position t's logits with the token at
+    t + 1 and scores only the target tokens (labels other than ``ignore_index``). Position ids are computed from the
+    attention mask, so left and right padding give the same logits. ``num_classes`` is the vocabulary size V.
+
+    Args:
+        vocab_size: V, the size of the LM head's output.
+        ignore_index: the label of unscored positions (prompt tokens, padding).
+    """
+
+    def __init__(self, vocab_size: int, ignore_index: int = -100):
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 2:
+            raise ValueError(f"vocab_size: expected an integer >= 2 (the LM head's outputs), got {vocab_size!r}.")
+        self.num_classes = int(vocab_size)
+        self.likelihood: Likelihood = TokenCategorical(ignore_index)
+
+    @classmethod
+    def for_model(cls, model, ignore_index: int = -100) -> TokenLogits:
+        """The readout of a causal LM (V from its output embeddings)."""
+        return cls(int(model.get_output_embeddings().weight.shape[0]), ignore_index=ignore_index)
+
+    def model_inputs(self, batch):
+        inputs = _base_inputs(batch)
+        mask = batch.get("attention_mask")
+        if mask is not None:
+            inputs["position_ids"] = causal_position_ids(mask)
+        return inputs
+
+    def __call__(self, output, batch):
+        logits = output.logits
+        if logits.ndim != 3 or logits.shape[-1] != self.num_classes:
+            raise ValueError(
+                f"model output: expected causal-LM logits [B, T, {self.num_classes}], got shape {tuple(logits.shape)}; "
+                "pass a causal LM and vocab_size = its LM head's outputs (TokenLogits.for_model)."
+            )
+        return logits.float()
+
+    def config(self):
+        return {"type": "token", "vocab_size": self.num_classes, "ignore_index": self.likelihood.ignore_index}
+
+
 def readout_from_config(config: Mapping[str, Any]) -> Readout:
     """Rebuild a readout from :meth:`Readout.config`."""
     kind = config.get("type")
@@ -164,4 +207,6 @@ def readout_from_config(config: Mapping[str, Any]) -> Readout:
         return SequenceClassificationLogits(config["num_classes"])
     if kind == "answer_token":
         return AnswerTokenLogits(config["token_ids"], answers=config.get("answers"))
-    raise ValueError(f"readout config: unknown type {kind!r}; expected 'seq_cls' or 'answer_token'.")
+    if kind == "token":
+        return TokenLogits(config["vocab_size"], ignore_index=config.get("ignore_index", -100))
+    raise ValueError(f"readout config: unknown type {kind!r}; expected 'seq_cls', 'answer_token' or 'token'.")
