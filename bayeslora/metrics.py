@@ -9,6 +9,11 @@ All metrics are computed once over the whole dataset (never a mean of batch mean
 * Brier – multi-class Brier score ``mean_n sum_c (p_nc - 1[y_n = c])^2`` (Brier 1950), in [0, 2].
 * OOD AUROC – from an uncertainty score (predictive entropy or mutual information), OOD = positive.
 * Selective prediction – risk–coverage curve ordered by confidence and its area (AURC, Geifman & El-Yaniv 2017).
+
+Token-level (free-text targets, :class:`TokenPredictions`): over the M target tokens of a split, per-token NLL
+(``token_nll``), top-1 token accuracy and ECE (the same 15 equal-width bins on the BMA's top-1 probability), the mean
+negative sequence log-likelihood (``seq_nll``: the sum over an example's target tokens, averaged over examples) and
+the perplexity ``exp(token_nll)``.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torchmetrics.functional.classification import binary_auroc, multiclass_calibration_error
 
-from .predictive import Predictive
+from .predictive import Predictive, TokenPredictive
 from .progress import bar as progress_bar
 
 ECE_BINS = 15
@@ -156,7 +161,129 @@ class Predictions:
 _TENSOR_FIELDS = ("log_probs", "labels", "mean_logits", "entropy", "mutual_information")
 
 
-def predict_loader(posterior, fn, loader, *, n_samples: int | None = None, seed: int = 0) -> Predictions:
+def _check_tokens(*tensors: torch.Tensor) -> None:
+    sizes = {t.numel() for t in tensors}
+    if len(sizes) != 1:
+        raise ValueError(f"token metrics: expected one value per target token in every argument, got sizes {sizes}.")
+    if 0 in sizes:
+        raise ValueError("token metrics: expected at least one target token, got none; check the labels' ignore index.")
+
+
+def token_nll(log_probs: torch.Tensor) -> float:
+    """Mean NLL per target token (nats) from the target tokens' log-probabilities ``[M]``."""
+    _check_tokens(log_probs)
+    return -log_probs.double().mean().item()
+
+
+def perplexity(log_probs: torch.Tensor) -> float:
+    """``exp`` of the per-token NLL."""
+    return float(torch.tensor(token_nll(log_probs), dtype=torch.float64).exp())
+
+
+def sequence_log_likelihood(log_probs: torch.Tensor, example: torch.Tensor, num_examples: int) -> torch.Tensor:
+    """Per-example log-likelihood of the target text ``[N]``: the sum of its target tokens' log-probabilities."""
+    _check_tokens(log_probs, example)
+    out = torch.zeros(num_examples, dtype=torch.float64)
+    return out.index_add_(0, example.long().cpu(), log_probs.double().cpu())
+
+
+def binned_ece(confidence: torch.Tensor, correct: torch.Tensor, n_bins: int = ECE_BINS) -> float:
+    """Top-label ECE from the top-1 confidences and correctness ``[M]``: ``n_bins`` equal-width bins ``(l, u]`` on
+    [0, 1], L1 (the binning of :func:`ece`)."""
+    _check_tokens(confidence, correct)
+    conf, hit = confidence.double().reshape(-1), correct.double().reshape(-1)
+    bins = torch.bucketize(conf, torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)[1:-1], right=False)
+    count = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, torch.ones_like(conf))
+    gap = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, conf - hit)
+    return float(gap.abs().sum() / count.sum())
+
+
+def token_metrics(
+    log_probs: torch.Tensor, top_probs: torch.Tensor, correct: torch.Tensor, example: torch.Tensor, num_examples: int,
+    n_bins: int = ECE_BINS,
+) -> dict[str, float]:  # fmt: skip
+    """token_nll, token_acc, token_ece, seq_nll and perplexity in one dict."""
+    _check_tokens(log_probs, top_probs, correct, example)
+    return {
+        "token_nll": token_nll(log_probs),
+        "token_acc": correct.double().mean().item(),
+        "token_ece": binned_ece(top_probs, correct, n_bins),
+        "seq_nll": -sequence_log_likelihood(log_probs, example, num_examples).mean().item(),
+        "perplexity": perplexity(log_probs),
+    }
+
+
+@dataclass
+class TokenPredictions:
+    """Per-target-token predictions of one method on one split (saved so tables can be recomputed).
+
+    Attributes:
+        log_probs: BMA log-probability of each target token ``[M]`` (float64).
+        top_probs: BMA probability of the top-1 token ``[M]``; correct: whether it is the target ``[M]`` (bool).
+        entropy, mutual_information: per target token ``[M]`` (nats).
+        example: the index of each token's example in the split ``[M]``; num_examples: N.
+        has_epistemic: whether the method has an epistemic score (S > 1 samples).
+    """
+
+    log_probs: torch.Tensor
+    top_probs: torch.Tensor
+    correct: torch.Tensor
+    entropy: torch.Tensor
+    mutual_information: torch.Tensor
+    example: torch.Tensor
+    num_examples: int
+    has_epistemic: bool = True
+
+    @classmethod
+    def from_predictive(cls, pred: TokenPredictive, offset: int = 0) -> TokenPredictions:
+        """The records of one batch whose first example is example ``offset`` of the split."""
+        return cls(
+            log_probs=pred.log_probs.double().cpu(),
+            top_probs=pred.top_probs.float().cpu(),
+            correct=(pred.top_tokens == pred.targets).cpu(),
+            entropy=pred.entropy.float().cpu(),
+            mutual_information=pred.mutual_information.float().cpu(),
+            example=(pred.rows + offset).long().cpu(),
+            num_examples=pred.num_rows,
+            has_epistemic=pred.has_epistemic,
+        )
+
+    @classmethod
+    def cat(cls, parts: Iterable[TokenPredictions]) -> TokenPredictions:
+        """Concatenate consecutive batches (their ``example`` indices already offset)."""
+        parts = list(parts)
+        if not parts:
+            raise ValueError("parts: expected at least one batch of predictions; the evaluation loader was empty.")
+        tensors = {k: torch.cat([getattr(p, k) for p in parts]) for k in _TOKEN_FIELDS}
+        return cls(**tensors, num_examples=sum(p.num_examples for p in parts),
+                   has_epistemic=all(p.has_epistemic for p in parts))  # fmt: skip
+
+    def metrics(self, n_bins: int = ECE_BINS) -> dict[str, float]:
+        return token_metrics(self.log_probs, self.top_probs, self.correct, self.example, self.num_examples, n_bins)
+
+    def state_dict(self) -> dict:
+        return {**{k: getattr(self, k) for k in _TOKEN_FIELDS}, "num_examples": self.num_examples,
+                "has_epistemic": self.has_epistemic, "kind": "token"}  # fmt: skip
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping) -> TokenPredictions:
+        return cls(**{k: state[k] for k in _TOKEN_FIELDS}, num_examples=int(state["num_examples"]),
+                   has_epistemic=bool(state.get("has_epistemic", True)))  # fmt: skip
+
+
+_TOKEN_FIELDS = ("log_probs", "top_probs", "correct", "entropy", "mutual_information", "example")
+
+
+def records_of(state: Mapping) -> Predictions | TokenPredictions:
+    """Rebuild per-example records from a ``state_dict`` of either kind."""
+    return (
+        TokenPredictions.from_state_dict(state) if state.get("kind") == "token" else Predictions.from_state_dict(state)
+    )
+
+
+def predict_loader(
+    posterior, fn, loader, *, n_samples: int | None = None, seed: int = 0
+) -> Predictions | TokenPredictions:
     """Run ``posterior.predict`` over a loader and collect per-example :class:`Predictions`.
 
     Args:
@@ -166,14 +293,20 @@ def predict_loader(posterior, fn, loader, *, n_samples: int | None = None, seed:
         n_samples: samples per batch (None: the posterior's default).
         seed: seeds a dedicated ``torch.Generator`` for the posterior's sampling.
 
-    Grad mode is left to the posterior (a GLM predictive needs autograd for its Jacobians).
+    A token-level readout gives :class:`TokenPredictions` (one record per target token). Grad mode is left to the
+    posterior (a GLM predictive needs autograd for its Jacobians).
     """
     generator = torch.Generator(device=fn.device).manual_seed(seed)
-    parts = []
+    parts, seen = [], 0
     for batch in progress_bar(loader, desc=f"predict ({getattr(posterior, 'name', 'posterior')})"):
         pred = posterior.predict(fn, batch, n_samples=n_samples, generator=generator)
-        parts.append(Predictions.from_predictive(pred, batch["labels"]))
-    return Predictions.cat(parts)
+        if isinstance(pred, TokenPredictive):
+            parts.append(TokenPredictions.from_predictive(pred, offset=seen))
+        else:
+            parts.append(Predictions.from_predictive(pred, batch["labels"]))
+        seen += int(batch["labels"].shape[0])
+    kind = TokenPredictions if parts and isinstance(parts[0], TokenPredictions) else Predictions
+    return kind.cat(parts)
 
 
 def evaluate(posterior, fn, loader, *, n_samples: int | None = None, seed: int = 0, n_bins: int = ECE_BINS):
