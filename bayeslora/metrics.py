@@ -188,11 +188,11 @@ def sequence_log_likelihood(log_probs: torch.Tensor, example: torch.Tensor, num_
 
 
 def binned_ece(confidence: torch.Tensor, correct: torch.Tensor, n_bins: int = ECE_BINS) -> float:
-    """Top-label ECE from the top-1 confidences and correctness ``[M]``: ``n_bins`` equal-width bins ``(l, u]`` on
+    """Top-label ECE from the top-1 confidences and correctness ``[M]``: ``n_bins`` equal-width bins ``[l, u)`` on
     [0, 1], L1 (the binning of :func:`ece`)."""
     _check_tokens(confidence, correct)
     conf, hit = confidence.double().reshape(-1), correct.double().reshape(-1)
-    bins = torch.bucketize(conf, torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)[1:-1], right=False)
+    bins = torch.bucketize(conf, torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)[1:-1], right=True)
     count = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, torch.ones_like(conf))
     gap = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, conf - hit)
     return float(gap.abs().sum() / count.sum())
