@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from lm_helpers import IGNORE, collate, copy_rows, loader, randomize_lora_b, tiny_lm
 from torchmetrics.functional.classification import multiclass_calibration_error
 
 from bayeslora import BayesianLoRA
@@ -14,8 +15,6 @@ from bayeslora.posteriors import make_posterior
 from bayeslora.posteriors.kfac import fit_curvature
 from bayeslora.readout import TokenLogits, readout_from_config
 from bayeslora.train import TrainConfig, train_map
-
-from lm_helpers import IGNORE, collate, copy_rows, loader, randomize_lora_b, tiny_lm
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +98,7 @@ def _naive_fisher(fn, rows):
         batch = collate([row])  # one example alone: no padding
         store = {}
 
-        def hook(module, inputs, output, name=None):
+        def hook(module, inputs, output, name=None, store=store):
             output.retain_grad()
             store[name] = (inputs[0].detach(), output)
 
@@ -229,8 +228,9 @@ def test_generation_is_seeded_draws_differ_and_the_adapter_is_restored(trained):
 
     out = run(0)
     assert out.shape[:2] == (4, 3) and torch.equal(out, run(0))
-    sampled = [bl.generate(prompts["input_ids"], prompts["attention_mask"], n_samples=2, max_new_tokens=6,
-                           do_sample=True, generator=torch.Generator().manual_seed(seed)) for seed in (0, 0, 1)]  # fmt: skip
+    ids, mask = prompts["input_ids"], prompts["attention_mask"]
+    sampled = [bl.generate(ids, mask, n_samples=2, max_new_tokens=6, do_sample=True,
+                           generator=torch.Generator().manual_seed(seed)) for seed in (0, 0, 1)]  # fmt: skip
     assert torch.equal(sampled[0], sampled[1]) and not torch.equal(sampled[0], sampled[2])
     assert not all(torch.equal(out[0], out[i]) for i in range(1, 4))  # the draws differ (greedy: only the weights do)
     assert all(torch.equal(before[k], v) for k, v in bl.params.values().items())
