@@ -42,7 +42,7 @@ from .config_check import check_run_config
 from .data import make_loader
 from .hydra_store import register as register_method_defaults
 from .io import load_torch, save_torch
-from .metrics import Predictions
+from .metrics import Predictions, TokenPredictions
 from .models import add_lora, load_model, load_tokenizer, locate
 from .ood import ood_report, predict_ood, prepare_ood
 from .posteriors import accepts
@@ -53,6 +53,7 @@ from .train import TrainConfig, TrainResult
 from .wrapper import BayesianLoRA
 
 METRIC_KEYS = ("acc", "ece", "nll", "brier")
+TOKEN_METRIC_KEYS = ("token_nll", "token_acc", "token_ece", "seq_nll", "perplexity")
 logger = logging.getLogger(__name__)
 register_method_defaults()  # the method configs' defaults (Hydra ConfigStore), for any way of composing configs/
 
@@ -193,6 +194,8 @@ def _execute(
     tokenizer = load_tokenizer(locate(cfg["model"]["name"]), cfg["model"]["format"])
     task = _build_task(cfg, tokenizer)
     ood_sets = _prepare_ood(cfg, tokenizer, task)
+    if cfg["model"]["format"] == "generative":
+        _check_token_eval(cfg, bool(ood_sets))  # before any training
     bl = _build_model(cfg, task)
     tcfg = cfg["train"]
     train_loader = make_loader(task.train, tokenizer, batch_size=tcfg["batch_size"], shuffle=True, seed=seed,
@@ -250,7 +253,10 @@ def _execute(
         timings["predict_ood_s"] = time.perf_counter() - t
 
     result = _record(cfg, task, map_info, preds)
-    if cfg["eval"]["temperature_row"]:  # T scales the method's model-average log-probabilities: its argmax stays
+    token_level = isinstance(preds["validation"], TokenPredictions)
+    if (
+        cfg["eval"]["temperature_row"] and not token_level
+    ):  # T scales the method's model-average log-probabilities: its argmax stays
         temp = fit_temperature(preds["validation"].log_probs, preds["validation"].labels, where="eval.temperature_row")
         result["temperature"] = temp
         logger.info("temperature of the + TS row: %.4g", temp)
@@ -263,9 +269,10 @@ def _execute(
         result["ood"], saved = ood_report(preds, ood_preds, main_split, result.get("temperature"))
         result["ood_info"] = {"in_distribution": main_split, "sets": ood_info}
         preds.update(saved)
-    result.update({k: result["splits"][main_split][k] for k in (*METRIC_KEYS, "aurc")})
+    keys = TOKEN_METRIC_KEYS if token_level else (*METRIC_KEYS, "aurc")
+    result.update({k: result["splits"][main_split][k] for k in keys})
     save_torch({s: p.state_dict() for s, p in preds.items()}, run_dir / "predictions.pt")
-    if cfg["eval"]["reliability_diagram"]:
+    if cfg["eval"]["reliability_diagram"] and not token_level:
         result["reliability_diagram"] = _reliability(cfg, preds, main_split, run_dir)
     timings["total_s"] = time.perf_counter() - t0
     result.update(timings=timings, device=str(bl.fn.device), run_dir=str(run_dir), config=cfg, identity=identity)
@@ -353,8 +360,22 @@ def _record(cfg: Mapping[str, Any], task, map_info: dict, preds: Mapping[str, Pr
         "data_info": task.info,
         "map": map_info,
         "splits": {s: p.metrics() for s, p in preds.items()},
-        "label_counts": {s: p.labels.bincount(minlength=task.num_classes).tolist() for s, p in preds.items()},
+        "label_counts": {
+            s: p.labels.bincount(minlength=task.num_classes).tolist()
+            for s, p in preds.items()
+            if isinstance(p, Predictions)
+        },  # fmt: skip
     }
+
+
+def _check_token_eval(cfg: Mapping[str, Any], ood: bool) -> None:
+    """The evaluation options a token-level (generative) run has no version of, as a clear error."""
+    asked = [k for k in ("temperature_row", "reliability_diagram") if cfg["eval"][k]] + (["ood"] if ood else [])
+    if asked:
+        raise ValueError(
+            f"eval: {asked} are defined for class predictions; a generative run (model.format=generative) reports "
+            f"token-level metrics {list(TOKEN_METRIC_KEYS)}. Set {', '.join(f'eval.{k}=false' for k in asked)}."
+        )
 
 
 def _reliability(cfg: Mapping[str, Any], preds: Mapping[str, Predictions], main_split: str, run_dir: Path) -> str:

@@ -283,3 +283,45 @@ def test_predictions_over_a_loader_count_every_target_token(trained):
     with torch.no_grad():
         nll = sum(float(trained.likelihood.nll(trained(None, b), b["labels"], reduction="sum")) for b in dl)
     assert preds.metrics()["seq_nll"] == pytest.approx(nll / 10, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- data and app
+def test_prompt_target_encoding_masks_the_prompt_and_pads_labels_right():
+    from bayeslora.data.collate import PadCollator
+    from bayeslora.data.encode import IGNORE_INDEX, prompt_target_ids
+    from bayeslora.models import load_tokenizer, locate
+
+    tok = load_tokenizer(locate("tiny-llama"), "generative")
+    ids, labels = prompt_target_ids(tok, "Repeat the words: red cat", "red cat", max_length=64)
+    eos = [] if tok.eos_token_id is None else [tok.eos_token_id]
+    target = tok(" red cat", add_special_tokens=False)["input_ids"] + eos
+    assert ids[-len(target) :] == target and labels[-len(target) :] == target
+    assert labels[: -len(target)] == [IGNORE_INDEX] * (len(ids) - len(target))
+    short_ids, short_labels = prompt_target_ids(tok, "Repeat the words: red cat", "red cat", max_length=len(target) + 2)
+    assert len(short_ids) == len(target) + 2 and short_labels[-len(target) :] == target  # the prompt is cut
+    rows = [
+        {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels},
+        {"input_ids": ids[:3], "attention_mask": [1] * 3, "labels": [IGNORE_INDEX] * 3},
+    ]
+    batch = PadCollator(tok.pad_token_id, "right")(rows)
+    assert batch["labels"].shape == batch["input_ids"].shape and (batch["labels"][1] == IGNORE_INDEX).all()
+
+
+def test_smoke_generative_through_the_app(tmp_path):
+    import json
+
+    from hydra import compose, initialize_config_dir
+
+    from bayeslora.io import load_torch
+    from bayeslora.metrics import records_of
+    from bayeslora.run import TOKEN_METRIC_KEYS, run
+
+    configs = str(__import__("pathlib").Path(__file__).resolve().parents[1] / "configs")
+    with initialize_config_dir(config_dir=configs, version_base=None):
+        cfg = compose("config", overrides=["experiment=smoke_generative", f"results_dir={tmp_path}"])
+    result = run(cfg)
+    stored = json.loads((__import__("pathlib").Path(result["run_dir"]) / "metrics.json").read_text())
+    assert all(k in stored["splits"]["test"] for k in TOKEN_METRIC_KEYS)
+    preds = load_torch(__import__("pathlib").Path(result["run_dir"]) / "predictions.pt")
+    again = records_of(preds["test"]).metrics()
+    assert again == pytest.approx(stored["splits"]["test"]) and stored["perplexity"] > 1

@@ -29,7 +29,7 @@ from .normalize import Normalizer
 from .sources import HubSource
 
 ALL = "all"  # role of a single file that is split three ways (BoolQ dev)
-GENERIC_OPTIONS = ("paths", "text_fields", "label_field", "label_names", "choices_field")
+GENERIC_OPTIONS = ("paths", "text_fields", "label_field", "label_names", "choices_field", "target_field")
 
 GLUE = "Wang et al., 2019, GLUE: A Multi-Task Benchmark and Analysis Platform for NLU (ICLR)"
 GLUE_TEST_NOTE = "The GLUE test split is unlabeled, so the GLUE dev (validation) split is the test set."

@@ -19,7 +19,7 @@ from typing import Any
 import datasets
 
 from ..formats import FORMATS, PADDING_SIDE
-from ..readout import AnswerTokenLogits, Readout, SequenceClassificationLogits
+from ..readout import AnswerTokenLogits, Readout, SequenceClassificationLogits, TokenLogits
 from ..validate import is_int
 from . import generic as G
 from .encode import encode
@@ -126,7 +126,12 @@ def build_task(
     splits, how = _make_splits(records, sources, val_size, seed)
     info["sizes_before_subsampling"] = {role: len(splits[role]) for role in ROLES}
     limits = {"train": ("max_train", max_train), "validation": ("max_eval", max_eval), "test": ("max_eval", max_eval)}
-    label_names = letters(num_classes) if format == "mc" else list(names or spec.label_names or letters(num_classes))
+    if format == "generative" and not num_classes:  # a user's free-text targets: no label set
+        label_names = []
+    elif format == "mc":
+        label_names = letters(num_classes)
+    else:
+        label_names = list(names or spec.label_names or letters(num_classes))
     option_words = _option_words(spec, generic_opts)
     encoded = {}
     for role in ROLES:
@@ -136,7 +141,7 @@ def build_task(
         rows = subsample(splits[role], limit, sub_seed, f"subsample-{role}")
         if len(rows) < len(splits[role]):
             how[role] += f"; subsampled to {len(rows)} of {len(splits[role])} rows ({arg}={limit}, seed={sub_seed})"
-        _check_split(name, role, rows, num_classes, arg, limit)
+        _check_split(name, role, rows, num_classes if format != "generative" else None, arg, limit)
         encoded[role] = encode(
             rows,
             tokenizer,
@@ -237,6 +242,8 @@ def _readout(format: str, tokenizer: Any, num_classes: int, answers: Sequence[st
         return AnswerTokenLogits.from_tokenizer(tokenizer, [str(a) for a in answers], prefix=" ")
     if format == "mc":
         return AnswerTokenLogits.from_tokenizer(tokenizer, letters(num_classes), prefix=" ")
+    if format == "generative":
+        return TokenLogits(len(tokenizer))
     return SequenceClassificationLogits(num_classes)
 
 
@@ -320,7 +327,9 @@ def _make_splits(
     return splits, {role: how[role] for role in ROLES}
 
 
-def _check_split(task: str, role: str, rows: list[Record], num_classes: int, arg: str, limit: int | None) -> None:
+def _check_split(
+    task: str, role: str, rows: list[Record], num_classes: int | None, arg: str, limit: int | None
+) -> None:
     """A split must be non-empty, with labels in ``[0, C)`` and (multiple choice) C options per row."""
     if not rows:
         if limit == 0:
@@ -329,7 +338,7 @@ def _check_split(task: str, role: str, rows: list[Record], num_classes: int, arg
             f"data: task {task!r} split {role!r} has no usable rows; expected at least one. Check the data files "
             "(and the subjects / filters)."
         )
-    for i, r in enumerate(rows):
+    for i, r in enumerate(rows if num_classes is not None else ()):  # None: free-text targets (generative)
         if not 0 <= r["label"] < num_classes:
             raise ValueError(
                 f"labels: task {task!r} split {role!r} row {i} has label {r['label']}; expected one of "
