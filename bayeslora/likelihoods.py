@@ -14,8 +14,11 @@ Fisher sampling (:func:`~bayeslora.posteriors.kfac.fit_curvature`), and the Pyro
 * ``config()``: JSON-able constructor arguments (:func:`likelihood_from_config` rebuilds it).
 
 :class:`Categorical` is the classification case (labels ``[B]`` in ``[0, C)``); :class:`Gaussian` is regression
-on targets ``[B, O]`` with a fixed observation std (then the GGN is ``JᵀJ / σ²``). A token-level likelihood (labels
-``[B, T]`` with an ignore index) is the next case of the same interface.
+on targets ``[B, O]`` with a fixed observation std (then the GGN is ``JᵀJ / σ²``). :class:`TokenCategorical` is
+the free-text case: next-token logits ``[B, T, V]`` over the whole vocabulary and labels ``[B, T]`` with an ignore
+index on every position that is not a target token (prompt, padding). Its square-root vectors come one output-shaped
+column at a time (:meth:`TokenCategorical.loss_sqrt_columns`, read through :func:`sqrt_columns`), so no
+``[B, T, V, K]`` tensor is built.
 
 **The predictive distribution** of a :class:`~bayeslora.predictive.Predictive` comes from its likelihood too: the
 model average of the observation over the output samples ``f_s``. For the categorical likelihood that is the BMA
@@ -26,13 +29,15 @@ of the softmax (in :class:`~bayeslora.predictive.Predictive`); for the Gaussian 
 where ``v [B, O]`` is an optional closed-form function-space variance shared by the components (the GLM Laplace
 predictive is one component, ``f_MAP`` with ``v = diag(J Σ Jᵀ)``: the exact ``N(f_MAP, J Σ Jᵀ + σ²)``). Its mean,
 variance, log-density, CDF and quantiles are :meth:`Gaussian.predictive_mean` … :meth:`Gaussian.predictive_quantile`
-(the one place these Gaussian formulas live).
+(the one place these Gaussian formulas live). For the token-level likelihood the BMA is streamed per target token
+(:class:`~bayeslora.predictive.TokenPredictive`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -211,7 +216,148 @@ class Gaussian:
         return 0.5 * (lo + hi)
 
 
-LIKELIHOODS = {"categorical": Categorical, "gaussian": Gaussian}
+class TokenCategorical:
+    """Next-token softmax over the vocabulary: outputs ``f [B, T, V]`` (the LM logits at every position), labels
+    ``[B, T]`` (the input ids on target tokens, ``ignore_index`` elsewhere).
+
+    The shift lives here and nowhere else (:meth:`shift`): the logits at position ``t`` predict the token at
+    ``t + 1``, so ``f[:, :-1]`` is paired with ``labels[:, 1:]``. An example's NLL is the sum over its target tokens
+    (the log-likelihood of the target text given the prompt); ``nll(reduction="mean")`` is its mean over examples,
+    ``"sum"`` the data log-likelihood that the Laplace evidence needs.
+
+    Args:
+        ignore_index: the label of positions that are not scored (prompt tokens, padding).
+    """
+
+    name = "token_categorical"
+    token_level = True
+
+    def __init__(self, ignore_index: int = -100):
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise ValueError(f"ignore_index: expected an int label of unscored positions, got {ignore_index!r}.")
+        self.ignore_index = int(ignore_index)
+
+    def shift(self, outputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(f [B, T-1, V], y [B, T-1], mask [B, T-1])``: position t's logits, the token at t+1 (0 where ignored)
+        and whether it is a target."""
+        if outputs.ndim != 3 or labels.shape != outputs.shape[:2]:
+            raise ValueError(
+                f"labels: a token-level likelihood needs logits [B, T, V] and labels [B, T] of the same B, T; got "
+                f"logits {tuple(outputs.shape)} and labels {tuple(labels.shape)}. Build batches with "
+                "format='generative'."
+            )
+        y = labels[:, 1:].long().to(outputs.device)
+        mask = y != self.ignore_index
+        return outputs[:, :-1], torch.where(mask, y, torch.zeros_like(y)), mask
+
+    def token_log_probs(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """``log p(y_{t+1} | f_t)`` on target tokens, 0 elsewhere ``[B, T-1]``."""
+        f, y, mask = self.shift(outputs, labels)
+        lp = torch.log_softmax(f, dim=-1).gather(-1, y[..., None])[..., 0]
+        return lp * mask
+
+    def nll(self, outputs: torch.Tensor, labels: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+        per = -self.token_log_probs(outputs, labels).sum(-1)
+        return per.mean() if reduction == "mean" else per.sum()
+
+    def loss_sqrt_columns(
+        self, outputs: torch.Tensor, labels: torch.Tensor, fisher: str, mc_samples: int = 1, generator=None
+    ) -> Iterator[torch.Tensor]:
+        """Output-shaped vectors ``s [B, T, V]``, one backward pass each: column ``(j, k)`` holds, in every row, the
+        vector of the row's j-th target token (at the position whose logits predict it) and zeros elsewhere. Summed
+        over the columns, ``(Jᵀ s)(Jᵀ s)ᵀ`` is the per-token Fisher summed over target tokens: ``"mc"`` draws
+        ``mc_samples`` tokens per target position from the model, ``s = (p − e_ŷ)/√K``; ``"empirical"`` uses the
+        target token, ``s = p − e_y``. The rows of a batch are independent, so one column serves all rows; the cost
+        is (the most target tokens of a row) × K backward passes per batch. ``"ggn"`` (the exact GGN: ``V − 1``
+        backward passes per target token) is refused."""
+        _check_fisher(fisher)
+        if fisher == "ggn":
+            raise ValueError(
+                "fisher: 'ggn' over a vocabulary needs a backward pass per vocabulary entry per target token; use "
+                "fisher='mc' (sampled tokens, an unbiased estimate of the GGN) or fisher='empirical' (the target "
+                "tokens) with a token-level likelihood."
+            )
+        f, y, mask = self.shift(outputs.detach(), labels)
+        rows, cols = mask.nonzero(as_tuple=True)
+        if rows.numel() == 0:
+            return
+        rank = (mask.long().cumsum(1) - 1)[rows, cols]
+        p = torch.softmax(f[rows, cols].double(), dim=-1)  # [M, V]
+        v = p.shape[-1]
+        if fisher == "mc":
+            draws = torch.multinomial(p.float(), mc_samples, replacement=True, generator=generator)  # [M, K]
+            vectors = [(p - torch.nn.functional.one_hot(draws[:, k], v).to(p.dtype)) / mc_samples**0.5
+                       for k in range(mc_samples)]  # fmt: skip
+        else:
+            vectors = [p - torch.nn.functional.one_hot(y[rows, cols], v).to(p.dtype)]
+        for j in range(int(rank.max()) + 1):
+            sel = rank == j
+            for vec in vectors:
+                column = torch.zeros_like(outputs)
+                column[rows[sel], cols[sel]] = vec[sel].to(outputs.dtype)
+                yield column
+
+    def loss_sqrt(
+        self, outputs: torch.Tensor, labels: torch.Tensor, fisher: str, mc_samples: int = 1, generator=None
+    ) -> torch.Tensor:
+        """The columns of :meth:`loss_sqrt_columns` stacked ``[B, T, V, K]`` (small models only; K-FAC streams
+        them)."""
+        columns = list(self.loss_sqrt_columns(outputs, labels, fisher, mc_samples, generator))
+        if not columns:
+            return outputs.new_zeros((*outputs.shape, 0))
+        return torch.stack(columns, dim=-1)
+
+    def observation(self, outputs: torch.Tensor):
+        return _token_sequence_class()(self, outputs)
+
+    def config(self) -> dict[str, Any]:
+        return {"name": self.name, "ignore_index": self.ignore_index}
+
+
+@functools.cache
+def _token_sequence_class():
+    """The Pyro distribution of a batch of target sequences (defined on first use, so Pyro is imported lazily)."""
+    import pyro.distributions as dist
+    from torch.distributions import constraints
+
+    class TokenSequence(dist.TorchDistribution):
+        """One event per example: its labels ``[T]``; ``log_prob`` is the summed next-token log-probability of the
+        target tokens (:meth:`TokenCategorical.token_log_probs`)."""
+
+        arg_constraints: dict = {}
+        support = constraints.dependent  # integer token ids and the ignore index; never validated
+
+        def __init__(self, likelihood: TokenCategorical, logits: torch.Tensor):
+            self.likelihood, self.logits = likelihood, logits
+            super().__init__(batch_shape=logits.shape[:1], event_shape=logits.shape[1:2], validate_args=False)
+
+        def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+            return self.likelihood.token_log_probs(self.logits, value).sum(-1)
+
+    return TokenSequence
+
+
+def sqrt_columns(
+    likelihood: Likelihood, outputs: torch.Tensor, labels: torch.Tensor, fisher: str, mc_samples: int = 1,
+    generator=None,
+) -> Iterator[torch.Tensor]:  # fmt: skip
+    """The loss square-root vectors one output-shaped column at a time (one backward pass each): the likelihood's
+    own ``loss_sqrt_columns`` where it streams them, else the last axis of ``loss_sqrt``."""
+    stream = getattr(likelihood, "loss_sqrt_columns", None)
+    if stream is not None:
+        yield from stream(outputs, labels, fisher, mc_samples, generator)
+        return
+    vectors = likelihood.loss_sqrt(outputs, labels, fisher, mc_samples, generator)
+    for k in range(vectors.shape[-1]):
+        yield vectors[..., k]
+
+
+def is_token_level(likelihood: Any) -> bool:
+    """Whether a likelihood scores token sequences (outputs ``[B, T, V]``) rather than one output per example."""
+    return bool(getattr(likelihood, "token_level", False))
+
+
+LIKELIHOODS = {"categorical": Categorical, "gaussian": Gaussian, "token_categorical": TokenCategorical}
 
 
 def likelihood_from_config(config: Mapping[str, Any]) -> Likelihood:

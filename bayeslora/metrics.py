@@ -23,6 +23,11 @@ label (the probability integral transform, PIT ``u = F(y)``):
   & Ermon (ICML 2018) over central intervals; 0 for a calibrated predictive, up to ½.
 
 Outputs ``O > 1`` count each output as an example in the coverage and calibration error.
+
+Token-level (free-text targets, :class:`TokenPredictions`): over the M target tokens of a split, per-token NLL
+(``token_nll``), top-1 token accuracy and ECE (the same 15 equal-width bins on the BMA's top-1 probability), the mean
+negative sequence log-likelihood (``seq_nll``: the sum over an example's target tokens, averaged over examples) and
+the perplexity ``exp(token_nll)``.
 """
 
 from __future__ import annotations
@@ -33,13 +38,14 @@ from dataclasses import dataclass, field
 import torch
 from torchmetrics.functional.classification import binary_auroc, multiclass_calibration_error
 
-from .predictive import Predictive
+from .predictive import Predictive, TokenPredictive
 from .progress import bar as progress_bar
 
 ECE_BINS = 15
 COVERAGE_LEVELS = (0.5, 0.9, 0.95)
 CLASSIFICATION_KEYS = ("acc", "ece", "nll", "brier", "aurc")  # what classification_metrics returns
 REGRESSION_KEYS = ("nll", "rmse", "cov50", "cov90", "cov95", "rce")  # what regression_metrics returns
+TOKEN_KEYS = ("token_nll", "token_acc", "token_ece", "seq_nll", "perplexity")  # what token_metrics returns
 CALIBRATION_LEVELS = tuple(round(0.05 * k, 2) for k in range(1, 20))
 
 
@@ -180,20 +186,22 @@ class _Record:
     TENSOR_FIELDS: tuple[str, ...] = ()
 
     @classmethod
-    def cat(cls, parts: Iterable):
+    def cat(cls, parts: Iterable, **extra):
         parts = list(parts)
         if not parts:
             raise ValueError("parts: expected at least one batch of predictions; the evaluation loader was empty.")
         tensors = {k: torch.cat([getattr(p, k) for p in parts]) for k in cls.TENSOR_FIELDS}
-        return cls(**tensors, has_epistemic=all(p.has_epistemic for p in parts))
+        return cls(**tensors, **extra, has_epistemic=all(p.has_epistemic for p in parts))
 
     def state_dict(self) -> dict:
         state = {**{k: getattr(self, k) for k in self.TENSOR_FIELDS}, "has_epistemic": self.has_epistemic}
         return state if self.KIND is None else {**state, "kind": self.KIND}
 
     @classmethod
-    def _from_state(cls, state: Mapping):
-        return cls(**{k: state[k] for k in cls.TENSOR_FIELDS}, has_epistemic=bool(state.get("has_epistemic", True)))
+    def _from_state(cls, state: Mapping, **extra):
+        return cls(
+            **{k: state[k] for k in cls.TENSOR_FIELDS}, **extra, has_epistemic=bool(state.get("has_epistemic", True))
+        )
 
 
 @dataclass
@@ -233,10 +241,11 @@ class Predictions(_Record):
         return classification_metrics(self.log_probs, self.labels, n_bins=n_bins)
 
     @classmethod
-    def from_state_dict(cls, state: Mapping) -> Predictions | RegressionPredictions:
-        """Rebuild saved predictions (a :class:`RegressionPredictions` state rebuilds that record)."""
-        if state.get("kind") == RegressionPredictions.KIND:
-            return RegressionPredictions.from_state_dict(state)
+    def from_state_dict(cls, state: Mapping) -> Predictions | RegressionPredictions | TokenPredictions:
+        """Rebuild saved predictions of any kind (a state's ``kind`` names its record; none: classification)."""
+        for record in (RegressionPredictions, TokenPredictions):
+            if state.get("kind") == record.KIND:
+                return record.from_state_dict(state)
         return cls._from_state(state)
 
 
@@ -291,16 +300,133 @@ class RegressionPredictions(_Record):
         return cls._from_state(state)
 
 
-def predictions_from_predictive(pred: Predictive, labels: torch.Tensor) -> Predictions | RegressionPredictions:
-    """The per-example record of a predictive: :class:`Predictions` for class logits, else
-    :class:`RegressionPredictions`."""
+def _check_tokens(*tensors: torch.Tensor) -> None:
+    sizes = {t.numel() for t in tensors}
+    if len(sizes) != 1:
+        raise ValueError(f"token metrics: expected one value per target token in every argument, got sizes {sizes}.")
+    if 0 in sizes:
+        raise ValueError("token metrics: expected at least one target token, got none; check the labels' ignore index.")
+
+
+def token_nll(log_probs: torch.Tensor) -> float:
+    """Mean NLL per target token (nats) from the target tokens' log-probabilities ``[M]``."""
+    _check_tokens(log_probs)
+    return -log_probs.double().mean().item()
+
+
+def perplexity(log_probs: torch.Tensor) -> float:
+    """``exp`` of the per-token NLL."""
+    return float(torch.tensor(token_nll(log_probs), dtype=torch.float64).exp())
+
+
+def sequence_log_likelihood(log_probs: torch.Tensor, example: torch.Tensor, num_examples: int) -> torch.Tensor:
+    """Per-example log-likelihood of the target text ``[N]``: the sum of its target tokens' log-probabilities."""
+    _check_tokens(log_probs, example)
+    out = torch.zeros(num_examples, dtype=torch.float64)
+    return out.index_add_(0, example.long().cpu(), log_probs.double().cpu())
+
+
+def binned_ece(confidence: torch.Tensor, correct: torch.Tensor, n_bins: int = ECE_BINS) -> float:
+    """Top-label ECE from the top-1 confidences and correctness ``[M]``: ``n_bins`` equal-width bins ``[l, u)`` on
+    [0, 1], L1 (the binning of :func:`ece`)."""
+    _check_tokens(confidence, correct)
+    conf, hit = confidence.double().reshape(-1), correct.double().reshape(-1)
+    bins = torch.bucketize(conf, torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)[1:-1], right=True)
+    count = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, torch.ones_like(conf))
+    gap = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, bins, conf - hit)
+    return float(gap.abs().sum() / count.sum())
+
+
+def token_metrics(
+    log_probs: torch.Tensor, top_probs: torch.Tensor, correct: torch.Tensor, example: torch.Tensor, num_examples: int,
+    n_bins: int = ECE_BINS,
+) -> dict[str, float]:  # fmt: skip
+    """token_nll, token_acc, token_ece, seq_nll and perplexity in one dict."""
+    _check_tokens(log_probs, top_probs, correct, example)
+    return {
+        "token_nll": token_nll(log_probs),
+        "token_acc": correct.double().mean().item(),
+        "token_ece": binned_ece(top_probs, correct, n_bins),
+        "seq_nll": -sequence_log_likelihood(log_probs, example, num_examples).mean().item(),
+        "perplexity": perplexity(log_probs),
+    }
+
+
+@dataclass
+class TokenPredictions(_Record):
+    """Per-target-token predictions of one method on one split (saved so tables can be recomputed).
+
+    Attributes:
+        log_probs: BMA log-probability of each target token ``[M]`` (float64).
+        top_probs: BMA probability of the top-1 token ``[M]``; correct: whether it is the target ``[M]`` (bool).
+        entropy, mutual_information: per target token ``[M]`` (nats).
+        example: the index of each token's example in the split ``[M]``; num_examples: N.
+        has_epistemic: whether the method has an epistemic score (S > 1 samples).
+    """
+
+    KIND = "token"
+    TENSOR_FIELDS = ("log_probs", "top_probs", "correct", "entropy", "mutual_information", "example")
+
+    log_probs: torch.Tensor
+    top_probs: torch.Tensor
+    correct: torch.Tensor
+    entropy: torch.Tensor
+    mutual_information: torch.Tensor
+    example: torch.Tensor
+    num_examples: int
+    has_epistemic: bool = True
+
+    @classmethod
+    def from_predictive(cls, pred: TokenPredictive, offset: int = 0) -> TokenPredictions:
+        """The records of one batch whose first example is example ``offset`` of the split."""
+        return cls(
+            log_probs=pred.log_probs.double().cpu(),
+            top_probs=pred.top_probs.float().cpu(),
+            correct=(pred.top_tokens == pred.targets).cpu(),
+            entropy=pred.entropy.float().cpu(),
+            mutual_information=pred.mutual_information.float().cpu(),
+            example=(pred.rows + offset).long().cpu(),
+            num_examples=pred.num_rows,
+            has_epistemic=pred.has_epistemic,
+        )
+
+    @classmethod
+    def cat(cls, parts: Iterable[TokenPredictions]) -> TokenPredictions:
+        """Concatenate consecutive batches (their ``example`` indices already offset)."""
+        parts = list(parts)
+        return super().cat(parts, num_examples=sum(p.num_examples for p in parts))
+
+    def metrics(self, n_bins: int = ECE_BINS) -> dict[str, float]:
+        return token_metrics(self.log_probs, self.top_probs, self.correct, self.example, self.num_examples, n_bins)
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "num_examples": self.num_examples}
+
+    @classmethod
+    def from_state_dict(cls, state: Mapping) -> TokenPredictions:
+        return cls._from_state(state, num_examples=int(state["num_examples"]))
+
+
+def predictions_from_predictive(
+    pred: Predictive | TokenPredictive, labels: torch.Tensor, offset: int = 0
+) -> Predictions | RegressionPredictions | TokenPredictions:
+    """The per-example record of a predictive: :class:`Predictions` for class logits, :class:`RegressionPredictions`
+    for a Gaussian likelihood, :class:`TokenPredictions` for a token-level one (``offset``: the index of the batch's
+    first example in the split)."""
+    if isinstance(pred, TokenPredictive):
+        return TokenPredictions.from_predictive(pred, offset=offset)
     record = Predictions if pred.is_categorical else RegressionPredictions
     return record.from_predictive(pred, labels)
 
 
+def records_of(state: Mapping) -> Predictions | RegressionPredictions | TokenPredictions:
+    """Rebuild per-example records from a ``state_dict`` of any kind (:meth:`Predictions.from_state_dict`)."""
+    return Predictions.from_state_dict(state)
+
+
 def predict_loader(
     posterior, fn, loader, *, n_samples: int | None = None, seed: int = 0
-) -> Predictions | RegressionPredictions:
+) -> Predictions | RegressionPredictions | TokenPredictions:
     """Run ``posterior.predict`` over a loader and collect per-example :class:`Predictions`.
 
     Args:
@@ -310,13 +436,15 @@ def predict_loader(
         n_samples: samples per batch (None: the posterior's default).
         seed: seeds a dedicated ``torch.Generator`` for the posterior's sampling.
 
-    Grad mode is left to the posterior (a GLM predictive needs autograd for its Jacobians).
+    A token-level readout gives :class:`TokenPredictions` (one record per target token). Grad mode is left to the
+    posterior (a GLM predictive needs autograd for its Jacobians).
     """
     generator = torch.Generator(device=fn.device).manual_seed(seed)
-    parts = []
+    parts, seen = [], 0
     for batch in progress_bar(loader, desc=f"predict ({getattr(posterior, 'name', 'posterior')})"):
         pred = posterior.predict(fn, batch, n_samples=n_samples, generator=generator)
-        parts.append(predictions_from_predictive(pred, batch["labels"]))
+        parts.append(predictions_from_predictive(pred, batch["labels"], offset=seen))
+        seen += int(batch["labels"].shape[0])
     return type(parts[0]).cat(parts) if parts else Predictions.cat(parts)
 
 

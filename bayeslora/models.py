@@ -158,8 +158,8 @@ def _tiny_model(name: str, format: str, num_labels: int, vocab_size: int, pad_id
     )
 
     if name == "tiny-bert":
-        if format == "mc":
-            raise ValueError("format: 'mc' needs a causal LM; use model='tiny-llama' or format='seq_cls'.")
+        if format != "seq_cls":
+            raise ValueError(f"format: {format!r} needs a causal LM; use model='tiny-llama' or format='seq_cls'.")
         cfg = BertConfig(
             vocab_size=vocab_size,
             hidden_size=32,

@@ -19,17 +19,21 @@ optional closed-form function-space variance ``v [B, O]`` (the GLM Laplace predi
 :meth:`~Predictive.log_likelihood`, :meth:`~Predictive.cdf` and :meth:`~Predictive.quantile` come from the
 likelihood, and its epistemic part is the function-space variance ``Var_s f_s + v``
 (:attr:`~Predictive.epistemic_variance`; the mutual information is a classification quantity).
+
+:class:`TokenPredictive` is the token-level counterpart (next-token logits over a vocabulary): the weight samples are
+streamed through :meth:`TokenPredictive.from_samples`, which keeps per target token only what the metrics need, so
+``[S, B, T, V]`` is never held.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from .likelihoods import Categorical, Likelihood
+from .likelihoods import Categorical, Likelihood, TokenCategorical
 
 
 @dataclass(frozen=True, repr=False)
@@ -237,3 +241,81 @@ class Predictive:
             return None if t is None else t.to(device)
 
         return Predictive(self.logits.to(device), move(self.epistemic), self.likelihood, move(self.variance))
+
+
+@dataclass(frozen=True, repr=False)
+class TokenPredictive:
+    """A streamed token-level predictive: per target token (the M positions a label scores, in row-major order).
+
+    Attributes:
+        sample_log_probs: ``log p_s(y)`` of the target token under each weight sample ``[S, M]`` (float32).
+        log_probs: the BMA ``log (1/S) Σ_s p_s(y)`` of the target token ``[M]`` (float32).
+        top_tokens: the BMA's top-1 token ``[M]`` (long); top_probs: its BMA probability ``[M]`` (float32).
+        entropy: the BMA's entropy ``[M]``; expected_entropy: ``E_s H[p_s]`` ``[M]`` (nats, float32).
+        targets: the target tokens ``[M]``; rows: the batch row of each ``[M]``; num_rows: B.
+    """
+
+    sample_log_probs: torch.Tensor
+    log_probs: torch.Tensor
+    top_tokens: torch.Tensor
+    top_probs: torch.Tensor
+    entropy: torch.Tensor
+    expected_entropy: torch.Tensor
+    targets: torch.Tensor
+    rows: torch.Tensor
+    num_rows: int
+
+    @classmethod
+    def from_samples(
+        cls, samples: Iterable[torch.Tensor], labels: torch.Tensor, likelihood: TokenCategorical
+    ) -> TokenPredictive:
+        """Reduce logit samples ``[B, T, V]`` (an iterable, consumed one at a time) against ``labels [B, T]``.
+
+        Only the target positions are kept (``[M, V]`` log-softmaxes, float32); the BMA over the vocabulary is a
+        running ``logaddexp`` (one ``[M, V]`` accumulator), and per sample only ``log p_s(y)`` and ``H[p_s]`` are
+        kept. Memory: about three ``[M, V]`` float32 tensors and the sample's own logits.
+        """
+        acc, per_sample, entropies, s = None, [], [], 0
+        for logits in samples:
+            f, y, mask = likelihood.shift(logits, labels)
+            rows, cols = mask.nonzero(as_tuple=True)
+            lp = torch.log_softmax(f[rows, cols].float(), dim=-1)  # [M, V]
+            targets = y[rows, cols]
+            per_sample.append(lp.gather(-1, targets[:, None])[:, 0])
+            entropies.append(-(lp.exp() * lp).sum(-1))
+            acc = lp if acc is None else torch.logaddexp(acc, lp)
+            s += 1
+        if s == 0:
+            raise ValueError("samples: expected at least one logit sample [B, T, V], got none.")
+        bma = acc - math.log(s)
+        top_lp, top = bma.max(-1)
+        return cls(
+            sample_log_probs=torch.stack(per_sample),
+            log_probs=bma.gather(-1, targets[:, None])[:, 0],
+            top_tokens=top,
+            top_probs=top_lp.exp(),
+            entropy=-(bma.exp() * bma).sum(-1),
+            expected_entropy=torch.stack(entropies).mean(0),
+            targets=targets,
+            rows=rows,
+            num_rows=int(labels.shape[0]),
+        )
+
+    @property
+    def num_samples(self) -> int:
+        return self.sample_log_probs.shape[0]
+
+    @property
+    def has_epistemic(self) -> bool:
+        return self.num_samples > 1
+
+    @property
+    def mutual_information(self) -> torch.Tensor:
+        """``H[E_s p_s] − E_s H[p_s]`` per target token ``[M]`` (0 for S = 1)."""
+        return (self.entropy - self.expected_entropy).clamp_min(0.0)
+
+    def __repr__(self) -> str:
+        return (
+            f"TokenPredictive(S={self.num_samples} samples, B={self.num_rows} examples, M={self.targets.numel()} "
+            f"target tokens; mean target log-prob {float(self.log_probs.mean()) if self.targets.numel() else 0:.3f})"
+        )

@@ -1,14 +1,16 @@
 """Readouts: turn a Hugging Face model output into the outputs ``f [B, O]`` of a task (class logits ``[B, C]``
-or, for regression, the predicted mean ``[B, 1]``).
+or, for regression, the predicted mean ``[B, 1]``; for free text, the next-token logits ``[B, T, V]``).
 
 A Readout has two jobs:
 
 * ``model_inputs(batch)`` – the keyword arguments the model is called with (it may add e.g.
   ``position_ids`` or ``logits_to_keep``; it never passes ``labels``, so HF computes no loss);
-* ``__call__(output, batch)`` – the outputs ``[B, O]`` in float32 (class logits for a categorical likelihood).
+* ``__call__(output, batch)`` – the outputs ``[B, O]`` in float32 (class logits for a categorical likelihood;
+  ``[B, T, V]`` for a token-level one).
 
 Its ``likelihood`` (:mod:`bayeslora.likelihoods`) says how the outputs explain the labels: categorical for
-:class:`SequenceClassificationLogits` and :class:`AnswerTokenLogits`, Gaussian for :class:`SequenceRegression`.
+:class:`SequenceClassificationLogits` and :class:`AnswerTokenLogits`, Gaussian for :class:`SequenceRegression`,
+token-level categorical for :class:`TokenLogits`.
 
 Readouts are plain, serialisable objects: ``config()`` returns a JSON-able dict and
 :func:`readout_from_config` rebuilds the readout, so a saved posterior can be reloaded without
@@ -22,7 +24,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-from .likelihoods import Categorical, Gaussian, Likelihood
+from .likelihoods import Categorical, Gaussian, Likelihood, TokenCategorical
 
 MODEL_INPUT_KEYS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -213,6 +215,49 @@ class AnswerTokenLogits:
         return {"type": "answer_token", "token_ids": self.token_ids, "answers": self.answers}
 
 
+class TokenLogits:
+    """The LM logits at every position ``[B, T, V]`` (float32) for a token-level likelihood (free-text targets).
+
+    The likelihood (:class:`~bayeslora.likelihoods.TokenCategorical`) pairs position t's logits with the token at
+    t + 1 and scores only the target tokens (labels other than ``ignore_index``). Position ids are computed from the
+    attention mask, so left and right padding give the same logits. ``num_classes`` is the vocabulary size V.
+
+    Args:
+        vocab_size: V, the size of the LM head's output.
+        ignore_index: the label of unscored positions (prompt tokens, padding).
+    """
+
+    def __init__(self, vocab_size: int, ignore_index: int = -100):
+        if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 2:
+            raise ValueError(f"vocab_size: expected an integer >= 2 (the LM head's outputs), got {vocab_size!r}.")
+        self.num_classes = int(vocab_size)
+        self.likelihood: Likelihood = TokenCategorical(ignore_index)
+
+    @classmethod
+    def for_model(cls, model, ignore_index: int = -100) -> TokenLogits:
+        """The readout of a causal LM (V from its output embeddings)."""
+        return cls(int(model.get_output_embeddings().weight.shape[0]), ignore_index=ignore_index)
+
+    def model_inputs(self, batch):
+        inputs = _base_inputs(batch)
+        mask = batch.get("attention_mask")
+        if mask is not None:
+            inputs["position_ids"] = causal_position_ids(mask)
+        return inputs
+
+    def __call__(self, output, batch):
+        logits = output.logits
+        if logits.ndim != 3 or logits.shape[-1] != self.num_classes:
+            raise ValueError(
+                f"model output: expected causal-LM logits [B, T, {self.num_classes}], got shape {tuple(logits.shape)}; "
+                "pass a causal LM and vocab_size = its LM head's outputs (TokenLogits.for_model)."
+            )
+        return logits.float()
+
+    def config(self):
+        return {"type": "token", "vocab_size": self.num_classes, "ignore_index": self.likelihood.ignore_index}
+
+
 def readout_from_config(config: Mapping[str, Any]) -> Readout:
     """Rebuild a readout from :meth:`Readout.config`."""
     kind = config.get("type")
@@ -222,4 +267,8 @@ def readout_from_config(config: Mapping[str, Any]) -> Readout:
         return AnswerTokenLogits(config["token_ids"], answers=config.get("answers"))
     if kind == "seq_reg":
         return SequenceRegression(config.get("noise_std", 1.0), noise=config.get("noise", "fixed"))
-    raise ValueError(f"readout config: unknown type {kind!r}; expected 'seq_cls', 'seq_reg' or 'answer_token'.")
+    if kind == "token":
+        return TokenLogits(config["vocab_size"], ignore_index=config.get("ignore_index", -100))
+    raise ValueError(
+        f"readout config: unknown type {kind!r}; expected 'seq_cls', 'seq_reg', 'answer_token' or 'token'."
+    )

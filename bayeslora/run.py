@@ -42,7 +42,7 @@ from .config_check import check_run_config
 from .data import make_loader
 from .hydra_store import register as register_method_defaults
 from .io import load_torch, save_torch
-from .metrics import CLASSIFICATION_KEYS, REGRESSION_KEYS, Predictions
+from .metrics import CLASSIFICATION_KEYS, REGRESSION_KEYS, TOKEN_KEYS, Predictions
 from .models import add_lora, load_model, load_tokenizer, locate
 from .ood import ood_report, predict_ood, prepare_ood
 from .posteriors import accepts
@@ -52,6 +52,7 @@ from .trackers import flat_metrics
 from .train import TrainConfig, TrainResult, fit_noise_std
 from .wrapper import BayesianLoRA
 
+TOKEN_METRIC_KEYS = TOKEN_KEYS  # what a generative run records
 logger = logging.getLogger(__name__)
 register_method_defaults()  # the method configs' defaults (Hydra ConfigStore), for any way of composing configs/
 
@@ -191,6 +192,7 @@ def _execute(
     logger.info("config: %s", json.dumps(identity, sort_keys=True, default=str))
     tokenizer = load_tokenizer(locate(cfg["model"]["name"]), cfg["model"]["format"])
     task = _build_task(cfg, tokenizer)
+    classes = _class_evaluation(cfg, task)  # before any training
     ood_sets = _prepare_ood(cfg, tokenizer, task)
     bl = _build_model(cfg, task)
     tcfg = cfg["train"]
@@ -254,9 +256,7 @@ def _execute(
         timings["predict_ood_s"] = time.perf_counter() - t
 
     result = _record(cfg, task, map_info, preds)
-    if cfg["eval"]["temperature_row"] and task.is_regression:
-        logger.info("no + TS row: temperature scaling is for class logits (a regression fits its noise: noise=fit)")
-    elif cfg["eval"]["temperature_row"]:  # T scales the method's model-average log-probabilities: its argmax stays
+    if classes and cfg["eval"]["temperature_row"]:  # T scales the model-average log-probabilities: its argmax stays
         temp = fit_temperature(preds["validation"].log_probs, preds["validation"].labels, where="eval.temperature_row")
         result["temperature"] = temp
         logger.info("temperature of the + TS row: %.4g", temp)
@@ -269,10 +269,10 @@ def _execute(
         result["ood"], saved = ood_report(preds, ood_preds, main_split, result.get("temperature"))
         result["ood_info"] = {"in_distribution": main_split, "sets": ood_info}
         preds.update(saved)
-    keys = REGRESSION_KEYS if task.is_regression else CLASSIFICATION_KEYS
+    keys = CLASSIFICATION_KEYS if classes else REGRESSION_KEYS if task.is_regression else TOKEN_KEYS
     result.update({k: result["splits"][main_split][k] for k in keys})
     save_torch({s: p.state_dict() for s, p in preds.items()}, run_dir / "predictions.pt")
-    if cfg["eval"]["reliability_diagram"] and not task.is_regression:  # a diagram of class confidences
+    if classes and cfg["eval"]["reliability_diagram"]:  # a diagram of class confidences
         result["reliability_diagram"] = _reliability(cfg, preds, main_split, run_dir)
     timings["total_s"] = time.perf_counter() - t0
     result.update(timings=timings, device=str(bl.fn.device), run_dir=str(run_dir), config=cfg, identity=identity)
@@ -295,11 +295,6 @@ def _prepare_ood(cfg: Mapping[str, Any], tokenizer, task) -> dict:
     sets = cfg["eval"].get("ood") or {}
     if not sets:
         return {}
-    if task.is_regression:
-        raise ValueError(
-            "eval.ood: OOD detection scores class predictives (entropy, mutual information); this task is a "
-            "regression. Remove eval.ood."
-        )
     return prepare_ood(
         tokenizer,
         sets,
@@ -365,10 +360,30 @@ def _record(cfg: Mapping[str, Any], task, map_info: dict, preds: Mapping[str, Pr
         "data_info": task.info,
         "map": map_info,
         "splits": {s: p.metrics() for s, p in preds.items()},
-        "label_counts": {}
-        if task.is_regression
-        else {s: p.labels.bincount(minlength=task.num_classes).tolist() for s, p in preds.items()},
+        "label_counts": {
+            s: p.labels.bincount(minlength=task.num_classes).tolist()
+            for s, p in preds.items()
+            if isinstance(p, Predictions)  # class labels (not regression targets or target tokens)
+        },  # fmt: skip
     }
+
+
+def _class_evaluation(cfg: Mapping[str, Any], task) -> bool:
+    """Whether the run's predictions are class predictions (a categorical likelihood). The evaluations defined only
+    for those are not run for a regression or a generative (token-level) run: ``eval.ood`` is refused (before any
+    training), the + TS row and the reliability diagram (on by default) are left out with a log line."""
+    if task.readout.likelihood.name == "categorical":
+        return True
+    what = "a regression" if task.is_regression else "a generative run (token-level metrics)"
+    if cfg["eval"].get("ood"):
+        raise ValueError(
+            f"eval.ood: OOD detection scores class predictives (entropy, mutual information); this task is {what}. "
+            "Remove eval.ood."
+        )
+    left_out = [k for k in ("temperature_row", "reliability_diagram") if cfg["eval"][k]]
+    if left_out:
+        logger.info("eval: no %s; they are defined for class predictions and this task is %s", left_out, what)
+    return False
 
 
 def _reliability(cfg: Mapping[str, Any], preds: Mapping[str, Predictions], main_split: str, run_dir: Path) -> str:

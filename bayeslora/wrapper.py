@@ -198,6 +198,24 @@ class BayesianLoRA:
         """acc, ece, nll, brier, aurc over a whole loader."""
         return self.predictions(loader, n_samples=n_samples, seed=seed).metrics()
 
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        n_samples: int = 1,
+        generator: torch.Generator | None = None,
+        **generate_kwargs: Any,
+    ) -> torch.Tensor:
+        """Generate under the posterior (:mod:`bayeslora.generation`): ``n_samples`` adapter draws, one HF
+        ``generate`` call of the whole batch per draw; returns token ids ``[n_samples, B, L]``. Prompts are padded on
+        the left; ``generate_kwargs`` go to HF ``generate`` (``max_new_tokens``, ``do_sample``, ...); ``generator``
+        seeds the draws and the decoding; the model's adapter values are restored afterwards."""
+        from .generation import generate
+
+        return generate(self.posterior, self.fn, input_ids, attention_mask, n_samples=n_samples, generator=generator,
+                        **generate_kwargs)  # fmt: skip
+
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> Path:
         """Save the adapter (peft format), the posterior state and the metadata into directory ``path``.

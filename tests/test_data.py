@@ -95,10 +95,24 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 # ----------------------------------------------------------------------------- every task, both formats
 def test_registry_names():
     assert set(TASKS) == {*BUILTIN, "jsonl", "csv"}
-    assert FORMATS == ("seq_cls", "mc")
+    assert FORMATS == ("seq_cls", "mc", "generative")
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("name", ["arc_easy", "arc_challenge", "openbookqa", "mmlu"])
+def test_qa_tasks_build_generative_with_the_gold_option_as_target(name, tok, root):
+    from bayeslora.data.encode import IGNORE_INDEX
+
+    opts = {"subjects": MMLU_SUBJECTS} if name == "mmlu" else {}
+    td = build_task(name, tok, format="generative", root=root, max_train=8, max_eval=8, max_length=256, **opts)
+    mc = build_task(name, tok, format="mc", root=root, max_train=8, max_eval=8, max_length=256, **opts)
+    row, label = td.test[0], mc.test[0]["labels"]
+    target = [t for t, y in zip(row["input_ids"], row["labels"]) if y != IGNORE_INDEX]
+    assert target and row["labels"][0] == IGNORE_INDEX and td.test.info.config_name == "generative"
+    gold = tok.decode(target, skip_special_tokens=True).strip()
+    assert f"{'abcde'[label]}. {gold.lower()}" in tok.decode(mc.test[0]["input_ids"]).lower()  # the gold option's text
+
+
+@pytest.mark.parametrize("fmt", ("seq_cls", "mc"))
 @pytest.mark.parametrize("name", BUILTIN)
 def test_every_task_builds_in_both_formats(name, fmt, tok, root):
     opts = {"subjects": MMLU_SUBJECTS} if name == "mmlu" else {}
@@ -460,7 +474,7 @@ def test_generic_csv_and_multiple_choice_field(tok, tmp_path):
     assert td.num_classes == 3 and td.test["labels"][:4] == [0, 1, 2, 0]
     items = [{"q": f"question {i}", "opts": ["red", "green", "blue"], "ans": "ABC"[i % 3]} for i in range(12)]
     path = write_jsonl(tmp_path / "mc.jsonl", items)
-    for fmt in FORMATS:
+    for fmt in ("seq_cls", "mc"):
         td = build_task(
             "jsonl",
             tok,
@@ -483,7 +497,7 @@ def test_generic_csv_and_multiple_choice_field(tok, tmp_path):
 def test_unknown_task_and_format(tok, root):
     with pytest.raises(ValueError, match=r"name: unknown task 'sst3'; expected one of \[.*'arc_easy'.*'sst2'"):
         build_task("sst3", tok, root=root)
-    with pytest.raises(ValueError, match=r"format: expected one of \['seq_cls', 'mc'\], got 'generate'"):
+    with pytest.raises(ValueError, match=r"format: expected one of \['seq_cls', 'mc', 'generative'\], got 'generate'"):
         build_task("rte", tok, root=root, format="generate")
 
 

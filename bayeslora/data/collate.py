@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 from ..formats import FORMATS, PADDING_SIDE
 
 _PAD_VALUES = {"attention_mask": 0, "token_type_ids": 0}
+IGNORE_INDEX = -100  # the label of unscored positions of token labels (prompt, padding)
 SIDES = ("left", "right")
 
 
@@ -37,11 +38,13 @@ class PadCollator:
         for key, fill in _PAD_VALUES.items():
             if key in rows[0]:
                 batch[key] = self._pad([r[key] for r in rows], length, fill)
-        values = [r["labels"] for r in rows]
-        if any(isinstance(v, float) for v in values):  # regression targets: [B, 1], shaped like the one output
-            batch["labels"] = torch.tensor([[float(v)] for v in values], dtype=torch.float32)
-        else:
-            batch["labels"] = torch.tensor([int(v) for v in values], dtype=torch.long)
+        labels = [r["labels"] for r in rows]
+        if any(isinstance(y, float) for y in labels):  # regression targets: [B, 1], shaped like the one output
+            batch["labels"] = torch.tensor([[float(y)] for y in labels], dtype=torch.float32)
+        elif isinstance(labels[0], numbers.Integral):
+            batch["labels"] = torch.tensor([int(y) for y in labels], dtype=torch.long)
+        else:  # token labels [L] (format 'generative'): padded with the ignore index
+            batch["labels"] = self._pad(labels, length, IGNORE_INDEX)
         return batch
 
     def _pad(self, seqs: Sequence[Any], length: int, fill: int) -> torch.Tensor:

@@ -15,7 +15,7 @@ import datasets
 
 from ..formats import FORMATS
 from .normalize import Record
-from .prompts import ANSWER_CUE, mc_prompt, seq_cls_texts
+from .prompts import ANSWER_CUE, TEMPLATES, mc_prompt, seq_cls_texts
 
 _COLUMN_TYPES = {"input_ids": "int32", "attention_mask": "int8", "token_type_ids": "int8"}
 
@@ -78,6 +78,8 @@ def encode(
     Returns:
         A Dataset with ``input_ids``, ``attention_mask``, (``token_type_ids``) and ``labels`` (int).
     """
+    if format == "generative":
+        return encode_generative(records, tokenizer, max_length=max_length, template=template, task=task, split=split)
     if format == "mc":
         enc = _tokenize_mc(records, tokenizer, max_length, template, option_words)
     else:
@@ -99,6 +101,70 @@ def _dataset(enc: Any, labels: tuple[list[int], Any], description: str, name: st
     )
     info = datasets.DatasetInfo(description=description, dataset_name=name, config_name=format, features=features)
     return datasets.Dataset.from_dict({**columns, "labels": values}, features=features, info=info, split=split)
+
+
+IGNORE_INDEX = -100  # the token label of the prompt and padding (bayeslora.data.collate pads labels with it)
+
+
+def generative_target(record: Record) -> str:
+    """The target text of a record: its ``target`` (a user's target field), else the gold option's text."""
+    target = record.get("target")  # type: ignore[misc]
+    if target is not None:
+        return str(target)
+    if record["choices"] is not None:
+        return record["choices"][record["label"]]
+    raise ValueError(
+        "format: 'generative' needs a target text per example: a multiple-choice task (the gold option is the "
+        "target) or a user's file with data.options.target_field; this record has neither."
+    )
+
+
+def generative_prompt(record: Record, template: str) -> str:
+    """The prompt of a record: a user's prompt field as given; for a QA task the question (no options) and the
+    answer cue."""
+    if record.get("target") is not None:  # type: ignore[misc]
+        return record["text"]
+    if template not in TEMPLATES:
+        raise ValueError(f"template: expected one of {sorted(TEMPLATES)}, got {template!r}.")
+    return f"{TEMPLATES[template](record)}\n{ANSWER_CUE}"
+
+
+def prompt_target_ids(tokenizer: Any, prompt: str, target: str, max_length: int) -> tuple[list[int], list[int]]:
+    """``(input_ids, labels)`` of prompt + target: the prompt through the tokenizer's chat template when it has one
+    (a user turn and the generation prompt), else as plain text with the tokenizer's special tokens; the target
+    (``" " + target`` without a chat template) and EOS after it. Labels are the ids on the target and
+    :data:`IGNORE_INDEX` on the prompt. Over ``max_length`` the prompt is cut from the left (the target stays)."""
+    if getattr(tokenizer, "chat_template", None):
+        prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                                   tokenize=True)  # fmt: skip
+        prompt_ids = list(prompt_ids["input_ids"] if isinstance(prompt_ids, dict) else prompt_ids)
+        target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
+    else:
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        target_ids = tokenizer(" " + target, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        target_ids = [*target_ids, int(tokenizer.eos_token_id)]
+    target_ids = target_ids[: max_length - 1]
+    prompt_ids = prompt_ids[len(prompt_ids) - (max_length - len(target_ids)) :] if (
+        len(prompt_ids) + len(target_ids) > max_length) else prompt_ids  # fmt: skip
+    return [*prompt_ids, *target_ids], [IGNORE_INDEX] * len(prompt_ids) + list(target_ids)
+
+
+def encode_generative(
+    records: Sequence[Record], tokenizer: Any, *, max_length: int, template: str, task: str, split: str
+) -> datasets.Dataset:
+    """Tokenize records as prompt + target text (:func:`prompt_target_ids`); ``labels`` are token labels ``[L]``."""
+    ids, labels = zip(*(prompt_target_ids(tokenizer, generative_prompt(r, template), generative_target(r), max_length)
+                        for r in records))  # fmt: skip
+    features = datasets.Features({
+        "input_ids": datasets.Sequence(datasets.Value("int32")),
+        "attention_mask": datasets.Sequence(datasets.Value("int8")),
+        "labels": datasets.Sequence(datasets.Value("int32")),
+    })  # fmt: skip
+    info = datasets.DatasetInfo(description=f"bayeslora task {task!r}, format 'generative', split {split!r}",
+                                dataset_name=task, config_name="generative", features=features)  # fmt: skip
+    columns = {"input_ids": list(ids), "attention_mask": [[1] * len(x) for x in ids], "labels": list(labels)}
+    return datasets.Dataset.from_dict(columns, features=features, info=info, split=split)
 
 
 UNLABELLED = -1  # the label of every row of an unlabelled set (OOD detection only)

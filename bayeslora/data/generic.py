@@ -7,7 +7,9 @@ Example::
 
 Labels are names in ``label_names`` or int indices into it. With ``choices_field`` each row holds its C answer
 options (C = ``len(label_names)``, e.g. ``label_names=["A", "B", "C", "D"]``) and the label is an option position.
-Paths are used as given (``~`` expanded); the data root does not apply to them.
+Paths are used as given (``~`` expanded; ``demo/<file>`` is a packaged demo file); the data root does not apply to
+them. With ``target_field`` (the ``generative`` format) a row is a prompt (the one text field) and a free-text
+target; ``label_field`` and ``label_names`` are not used.
 
 ``task_type="regression"`` reads real-valued labels (numbers or numeric strings) and needs no ``label_names``; the
 task's readout is :class:`~bayeslora.readout.SequenceRegression` (one output, Gaussian likelihood with ``noise_std``
@@ -25,7 +27,7 @@ from typing import Any
 import datasets
 
 from . import normalize as N
-from .sources import load_file
+from .sources import DEMO, DEMO_ROOT, load_file
 
 ROLES = ("train", "validation", "test")
 TASK_TYPES = ("classification", "regression")
@@ -47,13 +49,16 @@ class GenericOptions:
     task_type: str = "classification"
     noise_std: float = 1.0
     noise: str = "fixed"
+    target_field: str | None = None
 
     @property
     def regression(self) -> bool:
         return self.task_type == "regression"
 
     def normalizer(self) -> N.Normalizer:
-        """The row normaliser these options describe."""
+        """The row normaliser these options describe (``target_field``: prompt + free-text target)."""
+        if self.target_field is not None:
+            return N.generic_target(self.text_fields[0], self.target_field)
         return N.generic(self.text_fields, self.label_field, self.label_names, self.choices_field)
 
 
@@ -68,6 +73,23 @@ def parse_options(task: str, options: Mapping[str, Any]) -> GenericOptions:
     if task_type not in TASK_TYPES:
         raise ValueError(f"task_type: expected one of {list(TASK_TYPES)}, got {task_type!r}.")
     regression = task_type == "regression"
+    if options.get("target_field") is not None:  # the generative format: prompt field + target field
+        wrong = [k for k in ("noise_std", "noise") if options.get(k) is not None]
+        if regression or wrong:
+            raise ValueError(
+                f"target_field: a generative task has free-text targets, not regression ones; remove target_field "
+                f"or set task_type=classification (the default) and remove {wrong or ['task_type']}."
+            )
+        if options.get("paths") is None or options.get("text_fields") is None:
+            raise TypeError(
+                f"task_kwargs: task {task!r} with target_field needs paths and text_fields (the prompt field); got "
+                f"{sorted(options)}; e.g. text_fields=['prompt'], target_field='answer'."
+            )
+        fields = _text_fields(options["text_fields"])
+        if len(fields) != 1:
+            raise ValueError(f"text_fields: a generative task takes one prompt field, got {list(fields)}.")
+        return GenericOptions(paths=_paths(options["paths"]), text_fields=fields, label_field="", label_names=(),
+                              target_field=_field_name("target_field", options["target_field"]))  # fmt: skip
     required = ("paths", "text_fields", "label_field") + (() if regression else ("label_names",))
     missing = [k for k in required if options.get(k) is None]
     if missing:
@@ -113,7 +135,15 @@ def _paths(paths: Any) -> dict[str, Path]:
     for role, value in paths.items():
         if not isinstance(value, (str, os.PathLike)):
             raise TypeError(f"paths[{role!r}]: expected a file path, got {type(value).__name__} {value!r}.")
-    return {role: Path(paths[role]).expanduser() for role in ROLES if role in paths}
+    return {role: _path(paths[role]) for role in ROLES if role in paths}
+
+
+def _path(value: str | os.PathLike) -> Path:
+    """A user's file; ``demo/<file>`` names a file packaged under ``bayeslora/data/demo``."""
+    text = str(value)
+    if text.startswith(f"{DEMO}/"):
+        return DEMO_ROOT / text[len(DEMO) + 1 :]
+    return Path(text).expanduser()
 
 
 def _field_name(arg: str, value: Any) -> str:

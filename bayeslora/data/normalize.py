@@ -108,6 +108,18 @@ def float_label(value: Any) -> float:
     return out
 
 
+def generic_target(text_field: str, target_field: str) -> Normalizer:
+    """Normaliser for user files of the ``generative`` format: the prompt in ``text_field``, the free-text target in
+    ``target_field`` (kept as the record's ``target``; ``label`` is 0)."""
+
+    def normalize(row: Row) -> Record:
+        record = _record(row[text_field], 0)
+        record["target"] = str(row[target_field]).strip()  # type: ignore[typeddict-unknown-key]
+        return record
+
+    return normalize
+
+
 def _int_label(value: Any, n: int) -> int:
     """A label given as an int index in ``[0, n)`` (bools are not ints here)."""
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < n:

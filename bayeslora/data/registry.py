@@ -30,7 +30,8 @@ from .sources import HubSource
 
 ALL = "all"  # role of a single file that is split three ways (BoolQ dev)
 GENERIC_OPTIONS = (
-    "paths", "text_fields", "label_field", "label_names", "choices_field", "task_type", "noise_std", "noise"
+    "paths", "text_fields", "label_field", "label_names", "choices_field", "task_type", "noise_std", "noise",
+    "target_field",
 )  # fmt: skip
 
 GLUE = "Wang et al., 2019, GLUE: A Multi-Task Benchmark and Analysis Platform for NLU (ICLR)"

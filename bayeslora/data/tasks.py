@@ -19,7 +19,7 @@ from typing import Any
 import datasets
 
 from ..formats import FORMATS, PADDING_SIDE
-from ..readout import AnswerTokenLogits, Readout, SequenceClassificationLogits, SequenceRegression
+from ..readout import AnswerTokenLogits, Readout, SequenceClassificationLogits, SequenceRegression, TokenLogits
 from ..validate import is_int
 from . import generic as G
 from .encode import encode
@@ -64,7 +64,7 @@ class TaskData:
     @property
     def is_regression(self) -> bool:
         """Whether the labels are real targets (a Gaussian likelihood) instead of class indices."""
-        return self.readout.likelihood.name != "categorical"
+        return self.readout.likelihood.name == "gaussian"
 
     @property
     def padding_side(self) -> str:
@@ -135,7 +135,7 @@ def build_task(
     splits, how = _make_splits(records, sources, val_size, seed)
     info["sizes_before_subsampling"] = {role: len(splits[role]) for role in ROLES}
     limits = {"train": ("max_train", max_train), "validation": ("max_eval", max_eval), "test": ("max_eval", max_eval)}
-    if regression:
+    if regression or (format == "generative" and not num_classes):  # real or free-text targets: no label set
         label_names = []
     elif format == "mc":
         label_names = letters(num_classes)
@@ -150,7 +150,7 @@ def build_task(
         rows = subsample(splits[role], limit, sub_seed, f"subsample-{role}")
         if len(rows) < len(splits[role]):
             how[role] += f"; subsampled to {len(rows)} of {len(splits[role])} rows ({arg}={limit}, seed={sub_seed})"
-        _check_split(name, role, rows, 0 if regression else num_classes, arg, limit)
+        _check_split(name, role, rows, None if regression or format == "generative" else num_classes, arg, limit)
         encoded[role] = encode(
             rows,
             tokenizer,
@@ -260,6 +260,8 @@ def _readout(format: str, tokenizer: Any, num_classes: int, answers: Sequence[st
         return AnswerTokenLogits.from_tokenizer(tokenizer, [str(a) for a in answers], prefix=" ")
     if format == "mc":
         return AnswerTokenLogits.from_tokenizer(tokenizer, letters(num_classes), prefix=" ")
+    if format == "generative":
+        return TokenLogits(len(tokenizer))
     return SequenceClassificationLogits(num_classes)
 
 
@@ -343,7 +345,9 @@ def _make_splits(
     return splits, {role: how[role] for role in ROLES}
 
 
-def _check_split(task: str, role: str, rows: list[Record], num_classes: int, arg: str, limit: int | None) -> None:
+def _check_split(
+    task: str, role: str, rows: list[Record], num_classes: int | None, arg: str, limit: int | None
+) -> None:
     """A split must be non-empty, with labels in ``[0, C)`` and (multiple choice) C options per row."""
     if not rows:
         if limit == 0:
@@ -352,8 +356,8 @@ def _check_split(task: str, role: str, rows: list[Record], num_classes: int, arg
             f"data: task {task!r} split {role!r} has no usable rows; expected at least one. Check the data files "
             "(and the subjects / filters)."
         )
-    for i, r in enumerate(rows):
-        if num_classes and not 0 <= r["label"] < num_classes:  # 0: regression targets
+    for i, r in enumerate(rows if num_classes is not None else ()):  # None: real or free-text targets
+        if not 0 <= r["label"] < num_classes:
             raise ValueError(
                 f"labels: task {task!r} split {role!r} row {i} has label {r['label']}; expected one of "
                 f"{list(range(num_classes))}. Fix the data or the label set."

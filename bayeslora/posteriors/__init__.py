@@ -12,6 +12,16 @@ MAP adapter in the model, a validation split, the MAP training's adapter checkpo
 ``k >= 1`` draws k posterior samples, ``0`` predicts at the posterior mean (a point predictive); a method whose
 samples are fixed (ensemble members, checkpoints) accepts only ``None`` or its number of members.
 
+A token-level readout (:class:`~bayeslora.readout.TokenLogits`) makes the same ``predict`` return a
+:class:`~bayeslora.predictive.TokenPredictive`: every method builds its predictive from its logit samples with
+:func:`predictive_of`, which stacks class logits and streams token logits.
+
+Methods with weight samples (Laplace, VI, ensembles, MAP) also offer ``sample_values(fn, n_samples, generator)``:
+``n_samples`` dicts of adapter values (the draws its sampling predictive uses; ensemble members in order), which
+:meth:`~bayeslora.wrapper.BayesianLoRA.generate` loads into the model one at a time. MC dropout has none: its
+draws are dropout masks, so it offers ``sampling_mode(fn, generator)`` instead (the LoRA dropout on, in a forked
+RNG seeded from ``generator``). Both are optional; :func:`has_weight_samples` tells which a posterior has.
+
 ``METHODS`` maps a method name to ``"module:attribute"`` of its factory; modules are imported
 lazily so that e.g. Pyro is only imported when a VI method is used.
 """
@@ -27,7 +37,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from ..function import AdapterFn
-from ..predictive import Predictive
+from ..likelihoods import is_token_level
+from ..predictive import Predictive, TokenPredictive
 from ..validate import is_int
 
 
@@ -222,6 +233,41 @@ def require_fitted(posterior: Any, attribute: str) -> Any:
     return value
 
 
+def predictive_of(
+    fn: AdapterFn,
+    batch: Mapping[str, torch.Tensor],
+    samples,
+    *,
+    likelihood=None,
+    variance: torch.Tensor | None = None,
+    epistemic: torch.Tensor | None = None,
+) -> Predictive | TokenPredictive:
+    """The predictive of output samples (an iterable of ``fn(values, batch)`` outputs) under ``likelihood`` (None:
+    the readout's, ``fn.likelihood``): class logits or regression outputs are stacked into ``Predictive [S, B, O]``
+    (with a Gaussian likelihood's closed-form ``variance [B, O]`` or a closed-form ``epistemic`` score, if given);
+    token logits ``[B, T, V]`` are streamed into a :class:`TokenPredictive` (one sample held at a time)."""
+    likelihood = fn.likelihood if likelihood is None else likelihood
+    if is_token_level(likelihood):
+        if variance is not None or epistemic is not None:
+            raise ValueError("variance / epistemic: a token-level predictive is built from its samples alone.")
+        return TokenPredictive.from_samples(samples, fn.labels(batch), likelihood)
+    return Predictive(torch.stack(list(samples)), epistemic, likelihood, variance)
+
+
+def refuse_token_level(fn: AdapterFn, method: str, alternatives: str) -> None:
+    """A clear error for a method that has no token-level version."""
+    if is_token_level(fn.likelihood):
+        raise ValueError(
+            f"method: {method} is not defined for a token-level likelihood ({fn.likelihood.name!r}); use "
+            f"{alternatives}."
+        )
+
+
+def has_weight_samples(posterior: Any) -> bool:
+    """Whether a posterior can draw adapter values (``sample_values``; module docstring)."""
+    return callable(getattr(posterior, "sample_values", None))
+
+
 __all__ = [
     "METHODS",
     "Needs",
@@ -229,8 +275,11 @@ __all__ = [
     "TunablePrior",
     "accepts",
     "build",
+    "has_weight_samples",
     "make_posterior",
     "method_defaults",
+    "predictive_of",
+    "refuse_token_level",
     "require_fitted",
     "sample_count",
 ]

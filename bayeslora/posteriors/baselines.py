@@ -22,7 +22,7 @@ from ..function import AdapterFn, lora_dropout_only, model_mode
 from ..predictive import Predictive
 from ..rng import forked, seed_from
 from ..validate import positive_int
-from . import Needs, accepts, make_posterior, require_fitted, sample_count
+from . import Needs, accepts, make_posterior, predictive_of, refuse_token_level, require_fitted, sample_count
 
 
 class TemperatureScaling:
@@ -69,7 +69,10 @@ class TemperatureScaling:
         return Needs(map_adapter=base.map_adapter, validation=True, checkpoints=base.checkpoints)
 
     def fit(self, fn: AdapterFn, loader, *, val_loader=None, checkpoints=None) -> TemperatureScaling:
-        require_categorical(fn, "method=temperature")
+        refuse_token_level(
+            fn, "temperature scaling", "the MAP, a Laplace sampling predictive, VI, an ensemble or MC dropout"
+        )
+        require_categorical(fn, "method=temperature")  # a regression: names the noise fit instead
         if val_loader is None:
             raise ValueError(
                 "val_loader: temperature scaling needs a validation split to fit T; pass val_loader= "
@@ -157,10 +160,18 @@ class MCDropout:
         s = sample_count(self.name, n_samples, self.n_samples)
         if s == 0:  # the posterior mean: dropout off, the fine-tuned adapter
             with model_mode(fn.model, False):
-                return Predictive.point(fn(values, batch), likelihood=fn.likelihood)
+                return predictive_of(fn, batch, [fn(values, batch)])
+        with self.sampling_mode(fn, generator):
+            return predictive_of(fn, batch, (fn(values, batch) for _ in range(s)))
+
+    @contextlib.contextmanager
+    def sampling_mode(self, fn: AdapterFn, generator=None):
+        """The model with its (LoRA) dropout on at the test-time p, in a forked RNG seeded from ``generator``: every
+        forward pass inside draws fresh masks (predict: one per sample; generate: one per decoding step)."""
+        require_fitted(self, "values")
         mode = model_mode(fn.model, True) if self.include_model_dropout else lora_dropout_only(fn.model)
         with forked(fn.device, seed_from(generator)), mode, _dropout_p(fn.model, self.p):
-            return Predictive(torch.stack([fn(values, batch) for _ in range(s)]), likelihood=fn.likelihood)
+            yield
 
     def config(self) -> dict[str, Any]:
         return {"n_samples": self.n_samples, "p": self.p, "include_model_dropout": self.include_model_dropout}
@@ -250,7 +261,14 @@ class CheckpointEnsemble:
         members = require_fitted(self, "members")
         sample_count(self.name, n_samples, len(members), mean=False, fixed=len(members))
         with model_mode(fn.model, False):
-            return Predictive(torch.stack([fn(values, batch) for values in members]), likelihood=fn.likelihood)
+            return predictive_of(fn, batch, (fn(values, batch) for values in members))
+
+    def sample_values(self, fn: AdapterFn, batch, n_samples: int, generator=None) -> list[dict[str, torch.Tensor]]:
+        """The checkpoints in order, ``n_samples`` of them (at most M): draw i is checkpoint i."""
+        members = require_fitted(self, "members")
+        if not 1 <= n_samples <= len(members):
+            raise ValueError(f"n_samples: {len(members)} checkpoints draw 1..{len(members)}, got {n_samples}.")
+        return members[:n_samples]
 
     def config(self) -> dict[str, Any]:
         return {"m": self.m, "checkpoint_dir": self.checkpoint_dir}

@@ -26,7 +26,7 @@ from ..progress import bar as progress_bar
 from ..rng import forked
 from ..train import TrainConfig, train_map
 from ..validate import positive_int
-from . import Needs, require_fitted, sample_count
+from . import Needs, predictive_of, require_fitted, sample_count
 
 _NOT_PER_MEMBER = ("seed", "checkpoint_every", "checkpoint_dir")
 
@@ -174,7 +174,16 @@ class Ensemble:
                 "AdapterParams selection the ensemble was fitted with."
             )
         with model_mode(fn.model, False):
-            return Predictive(torch.stack([fn(values, batch) for values in members]), likelihood=fn.likelihood)
+            return predictive_of(fn, batch, (fn(values, batch) for values in members))
+
+    def sample_values(self, fn: AdapterFn, batch, n_samples: int, generator=None) -> list[dict[str, torch.Tensor]]:
+        """The members in order, ``n_samples`` of them (at most K; ``generator`` is unused): draw i is member i."""
+        members = require_fitted(self, "members")
+        if not 1 <= n_samples <= len(members):
+            raise ValueError(
+                f"n_samples: an ensemble of {len(members)} members draws 1..{len(members)}, got {n_samples}."
+            )
+        return members[:n_samples]
 
     def config(self) -> dict[str, Any]:
         return {

@@ -15,7 +15,10 @@ one backward pass.
 
 Fisher types (the vectors ``s_k``, from the readout's likelihood: :meth:`bayeslora.likelihoods.Categorical.loss_sqrt`
 for classification): ``"ggn"`` the exact GGN above; ``"mc"`` ``mc_samples`` labels drawn from the model,
-``s = (p − e_ŷ)/√S`` (Martens & Grosse 2015); ``"empirical"`` the true label, ``s = p − e_y``.
+``s = (p − e_ŷ)/√S`` (Martens & Grosse 2015); ``"empirical"`` the true label, ``s = p − e_y``. A token-level likelihood
+(:class:`~bayeslora.likelihoods.TokenCategorical`) gives one column per (target token, sample) of each row, so
+``G`` sums the per-token outer products over the target tokens of an example (the example is the sequence: ``N``
+counts sequences, the loss is summed over target tokens).
 
 K-FAC (Martens & Grosse 2015; ``reduce`` for weight sharing, Eschenhagen et al. NeurIPS 2023, as
 in curvlinops' ``kfac_approx="reduce"``): per example, the positions are reduced *before* the
@@ -46,6 +49,7 @@ import torch
 
 from .. import distributed
 from ..function import AdapterFn
+from ..likelihoods import sqrt_columns
 from ..params import ParamGroup
 from ..progress import bar as progress_bar
 from .lowrank import FrequentDirections, eig_psd
@@ -376,14 +380,11 @@ def fit_curvature(
             if not logits.requires_grad:
                 raise ValueError("params: the logits do not depend on the selected layers; nothing to fit.")
             loss += float(fn.likelihood.nll(logits.detach().double(), labels, reduction="sum"))
-            vectors = fn.likelihood.loss_sqrt(logits, labels, fisher, mc_samples, generator)
             for acc, rec in zip(accs, records):
                 acc.add_inputs(rec.input.detach(), batch.get("attention_mask"))
             outputs = [rec.output for rec in records]
-            for k in range(vectors.shape[-1]):
-                grads = torch.autograd.grad(
-                    logits, outputs, vectors[:, :, k], retain_graph=k < vectors.shape[-1] - 1, allow_unused=True
-                )
+            for vector in sqrt_columns(fn.likelihood, logits, labels, fisher, mc_samples, generator):
+                grads = torch.autograd.grad(logits, outputs, vector, retain_graph=True, allow_unused=True)
                 for acc, rec, grad in zip(accs, records, grads):
                     acc.add_grads(torch.zeros_like(rec.output) if grad is None else grad, rec.input.detach())
         n_seen += labels.shape[0]

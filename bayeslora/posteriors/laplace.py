@@ -23,11 +23,11 @@ import torch
 
 from ..data.collate import dataset_size
 from ..function import AdapterFn, model_mode
-from ..likelihoods import FISHERS
+from ..likelihoods import FISHERS, is_token_level
 from ..params import ParamGroup
 from ..predictive import Predictive
 from ..validate import choice, positive_int
-from . import Needs, registered_name, require_fitted, sample_count
+from . import Needs, predictive_of, registered_name, require_fitted, sample_count
 from .kfac import KFAC_APPROX
 from .laplace_own import LaplaceSettings, OwnLaplace
 
@@ -159,10 +159,29 @@ class Laplace:
                 "val_loader: prior_fit='val_nll' tunes λ on a validation split; pass val_loader= or use "
                 "prior_fit='marglik'."
             )
+        if is_token_level(fn.likelihood):
+            self._check_token_level()
         engine = make_engine(self.backend, self.settings())
         engine.fit(fn, loader, self.select(fn), val_loader, dataset_size(loader))
         self.engine = engine
         return self
+
+    def _check_token_level(self) -> None:
+        """The options a token-level likelihood (logits over a vocabulary) supports, else a clear error."""
+        if self.predictive != "sampling":
+            raise ValueError(
+                f"predictive: {self.predictive!r} is a GLM predictive, which over a vocabulary needs a [V, V] logit "
+                "covariance per token; use predictive='sampling' (weight samples) with a token-level likelihood."
+            )
+        if self.fisher == "ggn":
+            raise ValueError(
+                "fisher: 'ggn' over a vocabulary needs a backward pass per vocabulary entry per target token; use "
+                "fisher='mc' (sampled tokens) or fisher='empirical' (the target tokens) with a token-level likelihood."
+            )
+        if self.backend != "own":
+            raise ValueError(
+                f"backend: {self.backend!r} has no token-level likelihood here; use backend='own' for token logits."
+            )
 
     def optimize_prior_precision(
         self, fn: AdapterFn, method: str = "marglik", *, val_loader=None, grid: Sequence[float] | None = None
@@ -220,12 +239,17 @@ class Laplace:
         s = self._samples(n_samples)
         if s == 0:
             with torch.no_grad(), model_mode(fn.model, False):
-                return Predictive.point(fn(engine.mean_values(), batch), likelihood=fn.likelihood)
+                return predictive_of(fn, batch, [fn(engine.mean_values(), batch)])
         return engine.predict(fn, self.select(fn), batch, s, generator)
 
     def sample(self, fn: AdapterFn, n_samples: int, generator=None) -> list[dict[str, torch.Tensor]]:
         """Weight samples ``θ* + P^{-1/2} ε`` (own engine; non-random tensors at the MAP)."""
         return self._own("weight sampling").sample(fn, self.select(fn), n_samples, generator)
+
+    @torch.no_grad()
+    def sample_values(self, fn: AdapterFn, batch, n_samples: int, generator=None) -> list[dict[str, torch.Tensor]]:
+        """The weight draws of the sampling predictive (:meth:`sample`; ``batch`` is unused)."""
+        return self.sample(fn, n_samples, generator)
 
     def factor_bytes(self) -> int:
         """Persistent memory of the fitted curvature, in bytes."""

@@ -44,10 +44,11 @@ from typing import Any
 import torch
 
 from ..function import AdapterFn, model_mode
+from ..likelihoods import is_token_level
 from ..params import ParamGroup
 from ..predictive import Predictive
 from ..progress import bar as progress_bar
-from . import require_fitted
+from . import predictive_of, require_fitted
 from .glm import coordinates, functional_covariance, glm_predictive
 from .kfac import Factor, as_matrix, factor_from_state, fit_curvature, from_matrix
 
@@ -142,7 +143,9 @@ class OwnLaplace:
 
     def fit_val_nll(self, fn: AdapterFn, val_loader, grid=None) -> torch.Tensor:
         """The λ (``[L]``) on the grid (``[low, high, points]``; default the settings') minimising the validation
-        NLL of the GLM predictive."""
+        NLL of the GLM predictive (of the sampling predictive for a token-level likelihood)."""
+        if is_token_level(fn.likelihood):
+            return self.fit_val_nll_sampling(fn, val_loader, grid)
         low, high, points = grid or self.s.prior_grid
         points = int(points)
         grid = torch.logspace(math.log10(low), math.log10(high), points, dtype=torch.float64)
@@ -170,6 +173,33 @@ class OwnLaplace:
             raise ValueError("val_loader: yielded no batches; prior_fit='val_nll' needs a non-empty validation split.")
         self.val_curve = {"prior": grid.tolist(), "nll": (nll / n).tolist()}
         return candidates[int(torch.argmin(nll))].clone()
+
+    def fit_val_nll_sampling(self, fn: AdapterFn, val_loader, grid=None) -> torch.Tensor:
+        """The λ (one scalar for all layers) on the grid minimising the validation NLL per target token of the
+        sampling predictive (``samples()`` weight draws per batch, the same normal draws for every λ)."""
+        low, high, points = grid or self.s.prior_grid
+        grid = torch.logspace(math.log10(low), math.log10(high), int(points), dtype=torch.float64)
+        groups, fitted = self.match_groups(fn, self.groups), getattr(self, "prior", None)
+        nll, count = torch.zeros(len(grid), dtype=torch.float64), 0
+        generator = torch.Generator(device=fn.device)
+        try:
+            with torch.no_grad(), model_mode(fn.model, False):
+                for batch in progress_bar(val_loader, desc="prior precision (val NLL grid, sampling)"):
+                    for k, lam in enumerate(grid.tolist()):
+                        self.prior = torch.full((len(self.factors),), lam, dtype=torch.float64)
+                        generator.manual_seed(self.s.seed)
+                        values = self.sample(fn, groups, self.s.samples(), generator)
+                        pred = predictive_of(fn, batch, (fn(v, batch) for v in values))
+                        nll[k] -= float(pred.log_probs.double().sum())
+                    count += int(pred.targets.numel())
+        finally:
+            self.prior = fitted
+        if count == 0:
+            raise ValueError(
+                "val_loader: holds no target tokens; prior_fit='val_nll' needs a non-empty validation split."
+            )
+        self.val_curve = {"prior": grid.tolist(), "nll": (nll / count).tolist()}
+        return torch.full((len(self.factors),), float(grid[int(torch.argmin(nll))]), dtype=torch.float64)
 
     def _prior_vector(self, prior) -> torch.Tensor:
         lam = torch.as_tensor(prior, dtype=torch.float64).reshape(-1).cpu()
@@ -219,7 +249,7 @@ class OwnLaplace:
         if self.s.predictive == "sampling":
             with torch.no_grad(), model_mode(fn.model, False):
                 values = self.sample(fn, selected, n_samples, generator)
-                return Predictive(torch.stack([fn(v, batch) for v in values]), likelihood=fn.likelihood)
+                return predictive_of(fn, batch, (fn(v, batch) for v in values))
         mean, cov = self.glm_moments(fn, selected, batch)
         return glm_predictive(fn.likelihood, mean, cov, self.s.predictive, n_samples, generator, with_epistemic=True,
                               seed=self.s.seed)  # fmt: skip

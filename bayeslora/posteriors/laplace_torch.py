@@ -33,6 +33,7 @@ from torch import nn
 
 from ..function import AdapterFn, model_mode
 from ..predictive import Predictive
+from . import predictive_of
 from .glm import epistemic, glm_predictive
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -236,7 +237,7 @@ class LaplaceTorch:
         with self._trainable(), model_mode(fn.model, False), torch.no_grad():
             pred_type = "glm" if self.cfg.predictive == "glm_mc" else "nn"
             samples = self.la.functional_samples(batch, pred_type=pred_type, n_samples=n_samples, generator=generator)
-            return Predictive(samples.float(), likelihood=fn.likelihood)
+            return predictive_of(fn, batch, samples.float())
 
     def state_dict(self) -> dict[str, Any]:
         if self.la is None:

@@ -9,7 +9,7 @@ import torch
 
 from ..function import AdapterFn, model_mode
 from ..predictive import Predictive
-from . import Needs, require_fitted, sample_count
+from . import Needs, predictive_of, require_fitted, sample_count
 
 
 class MAP:
@@ -31,7 +31,12 @@ class MAP:
         values = require_fitted(self, "values")
         sample_count(self.name, n_samples, 1)  # a point estimate: every valid n_samples gives its logits
         with model_mode(fn.model, False):
-            return Predictive.point(fn(values, batch), likelihood=fn.likelihood)
+            return predictive_of(fn, batch, [fn(values, batch)])
+
+    def sample_values(self, fn: AdapterFn, batch, n_samples: int, generator=None) -> list[dict[str, torch.Tensor]]:
+        """The MAP values ``n_samples`` times (a point estimate; ``generator`` is unused)."""
+        values = require_fitted(self, "values")
+        return [values] * n_samples
 
     def config(self) -> dict[str, Any]:
         return {}

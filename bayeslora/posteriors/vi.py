@@ -48,7 +48,7 @@ from ..predictive import Predictive
 from ..progress import bar as progress_bar
 from ..rng import forked, seed_from, seeded
 from ..validate import positive
-from . import Needs, registered_name, require_fitted, sample_count
+from . import Needs, predictive_of, registered_name, require_fitted, sample_count
 from .vi_guides import (
     GUIDES,
     AdapterModel,
@@ -338,13 +338,17 @@ class Variational:
         self._ready(fn, batch)
         with model_mode(fn.model, False):
             if s == 0:
-                return Predictive.point(fn(self.mean(fn, batch), batch), likelihood=self.model.likelihood)
-            seed = seed_from(generator)
-            logits = []
-            with forked(fn.device, seed), self.param_store():
-                for _ in range(s):
-                    logits.append(fn(self._named(self.guide(batch, 1.0, False)), batch))
-            return Predictive(torch.stack(logits), likelihood=self.model.likelihood)
+                return predictive_of(fn, batch, [fn(self.mean(fn, batch), batch)], likelihood=self.model.likelihood)
+            values = self.sample_values(fn, batch, s, generator)
+            return predictive_of(fn, batch, (fn(v, batch) for v in values), likelihood=self.model.likelihood)
+
+    @torch.no_grad()
+    def sample_values(self, fn: AdapterFn, batch, n_samples: int, generator=None) -> list[dict[str, torch.Tensor]]:
+        """``n_samples`` guide draws of the adapter values (the draws of :meth:`predict`: Pyro samples from the global
+        RNG, so the guide runs under a forked RNG seeded from ``generator``)."""
+        self._ready(fn, batch)
+        with forked(fn.device, seed_from(generator)), self.param_store():
+            return [self._named(self.guide(batch, 1.0, False)) for _ in range(n_samples)]
 
     # ------------------------------------------------------------------ persistence
     def config(self) -> dict[str, Any]:
