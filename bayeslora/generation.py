@@ -3,7 +3,8 @@
 One draw per sequence batch: draw i of ``n_samples`` is loaded into the model and ``generate`` runs once for the
 whole batch with it, so every row and every decoding step of output i sees the same adapter values. The draws are
 the posterior's ``sample_values`` (Laplace: weight samples of the sampling predictive; VI: guide draws; ensembles and
-checkpoint ensembles: member i; MAP: the MAP each time). MC dropout has no weight samples: output i runs ``generate``
+checkpoint ensembles: member i; MAP: the MAP each time; IVON, SWAG, MultiSWAG, TFB: draws of their Gaussians). MC
+dropout has no weight samples: output i runs ``generate``
 inside its ``sampling_mode`` (LoRA dropout on), so the dropout masks are redrawn at every forward pass (every
 decoding step). Randomness comes only from ``generator``: one seed per draw seeds a forked RNG region (the HF
 sampler's ``do_sample`` draws and the dropout masks), so a seed reproduces the outputs and the caller's RNG is

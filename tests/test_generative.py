@@ -182,6 +182,8 @@ METHODS = [
     ("last_layer_laplace", dict(fisher="mc", predictive="sampling", prior_fit="none", prior_precision=1e12)),
     ("vi_meanfield", dict(steps=1, lr=1e-12, init_scale=1e-7, prior_precision=1e10, n_samples=4)),
     ("mc_dropout", dict(p=0.0, n_samples=3)),
+    ("swag", dict(n_snapshots=2, collect_every=1, rank=2, lr=1e-12, n_samples=3, progress=False)),
+    ("tfb", dict(sigma_min=1e-10, sigma_max=1e-9, n_search=2, n_search_samples=2, n_samples=3)),
 ]
 
 
@@ -192,7 +194,8 @@ def test_near_zero_variance_reproduces_the_map(trained, method, options):
     map_bl = BayesianLoRA(trained.model, trained.readout, "map").fit(loader(8))
     ref = map_bl.predict(batch)
     ref_gen = map_bl.generate(prompts["input_ids"], prompts["attention_mask"], max_new_tokens=4, do_sample=False)
-    bl = BayesianLoRA(trained.model, trained.readout, method, **options).fit(loader(8))
+    bl = BayesianLoRA(trained.model, trained.readout, method, **options)
+    bl.fit(loader(8), val_loader=loader(8) if bl.posterior.needs.validation else None)
     pred = bl.predict(batch, generator=torch.Generator().manual_seed(0))
     assert pred.num_samples > 1
     assert torch.allclose(pred.log_probs, ref.log_probs, atol=1e-4)
@@ -200,6 +203,46 @@ def test_near_zero_variance_reproduces_the_map(trained, method, options):
     gen = bl.generate(prompts["input_ids"], prompts["attention_mask"], n_samples=2, max_new_tokens=4, do_sample=False,
                       generator=torch.Generator().manual_seed(0))  # fmt: skip
     assert torch.equal(gen, ref_gen.expand_as(gen))
+
+
+WEIGHT_SAMPLERS = [  # methods that train their own adapter (ivon, multiswag) or search σ (tfb): their draws are
+    # checked against their own predictive, not against the MAP
+    ("ivon", dict(max_steps=2, n_samples=3, progress=False)),
+    ("swag", dict(n_snapshots=2, collect_every=1, rank=2, n_samples=3, progress=False)),
+    (
+        "multiswag",
+        dict(
+            k=2,
+            train={"max_steps": 2, "lr": 1e-2, "progress": False},
+            n_samples=3,
+            progress=False,
+            swag={"n_snapshots": 2, "collect_every": 1, "rank": 2},
+        ),
+    ),
+    ("tfb", dict(metric="nll", tolerance=0.5, n_search=2, n_search_samples=2, n_samples=3)),
+]
+
+
+@pytest.mark.parametrize("method,options", WEIGHT_SAMPLERS, ids=[m for m, _ in WEIGHT_SAMPLERS])
+def test_weight_sample_methods_predict_and_generate_with_their_draws(trained, method, options):
+    batch = _batch()
+    bl = BayesianLoRA(trained.model, trained.readout, method, **options)
+    bl.fit(loader(8), val_loader=loader(8) if bl.posterior.needs.validation else None)
+    pred = bl.predict(batch, n_samples=3, generator=torch.Generator().manual_seed(4))
+    draws = bl.posterior.sample_values(bl.fn, batch, 3, torch.Generator().manual_seed(4))
+    assert len(draws) == 3
+    lp, (top_p, top) = _naive_bma(bl.fn, batch, draws)
+    assert torch.allclose(pred.log_probs.double(), lp, atol=1e-5) and torch.equal(pred.top_tokens, top)
+    prompts = collate([(p, []) for p, _ in copy_rows(3, seed=5)], side="left")
+    before = {k: v.clone() for k, v in bl.params.values().items()}
+
+    def run(seed):
+        return bl.generate(prompts["input_ids"], prompts["attention_mask"], n_samples=2, max_new_tokens=4,
+                           do_sample=False, generator=torch.Generator().manual_seed(seed))  # fmt: skip
+
+    out = run(0)
+    assert out.shape[:2] == (2, 3) and torch.equal(out, run(0))
+    assert all(torch.equal(v, before[k]) for k, v in bl.params.values().items())  # the adapter is restored
 
 
 def test_an_ensemble_of_identical_members_is_one_member(trained):

@@ -83,7 +83,8 @@ def test_regression_through_the_protocol_and_the_facade(method, tmp_path):
     """The same protocol with a one-output Gaussian readout: the predictive is a Gaussian mixture, deterministic under
     a generator, and survives save -> load (the readout's σ included)."""
     fn, _ = tiny_fn("bert", r=2, dropout=0.1, noise_std=0.3)
-    bl = BayesianLoRA(fn.model, fn.readout, method, prior_precision=1.0, **FAST.get(method, {}))
+    regression = {"tfb": {"metric": "nll"}}.get(method, {})  # TFB's default search metric is accuracy
+    bl = BayesianLoRA(fn.model, fn.readout, method, prior_precision=1.0, **FAST.get(method, {}), **regression)
     ds = RegressionTokens(24, seed=3)
     train, val = ds.loader(8, shuffle=True), ds.loader(8)
     if bl.posterior.needs.map_adapter:

@@ -121,7 +121,7 @@ def test_multiswag_is_the_ensemble_members_each_followed_by_swag():
     for values, swag, count in zip(ms.ensemble.members, ms.members, (3, 2)):
         fn.model.eval()
         with torch.no_grad():
-            want += [fn({**values, **draw}, batch) for draw in swag.sample_values(fn, count, g)]
+            want += [fn({**values, **draw}, batch) for draw in swag.sample_values(fn, batch, count, g)]
     torch.testing.assert_close(pred.logits, torch.stack(want))
 
 

@@ -16,7 +16,8 @@ A token-level readout (:class:`~bayeslora.readout.TokenLogits`) makes the same `
 :class:`~bayeslora.predictive.TokenPredictive`: every method builds its predictive from its logit samples with
 :func:`predictive_of`, which stacks class logits and streams token logits.
 
-Methods with weight samples (Laplace, VI, ensembles, MAP) also offer ``sample_values(fn, n_samples, generator)``:
+Methods with weight samples (Laplace, VI, ensembles, MAP, IVON, SWAG / MultiSWAG, TFB) also offer
+``sample_values(fn, batch, n_samples, generator)``:
 ``n_samples`` dicts of adapter values (the draws its sampling predictive uses; ensemble members in order), which
 :meth:`~bayeslora.wrapper.BayesianLoRA.generate` loads into the model one at a time. MC dropout has none: its
 draws are dropout masks, so it offers ``sampling_mode(fn, generator)`` instead (the LoRA dropout on, in a forked

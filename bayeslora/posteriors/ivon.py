@@ -32,7 +32,7 @@ from ..function import AdapterFn, model_mode
 from ..predictive import Predictive
 from ..train import TrainConfig, train_map
 from ..validate import positive
-from . import Needs, require_fitted, sample_count
+from . import Needs, predictive_of, require_fitted, sample_count
 
 
 def gaussian(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -172,8 +172,12 @@ class IVONPosterior:
         s = sample_count(self.name, n_samples, self.n_samples)
         with model_mode(fn.model, False):
             if s == 0:
-                return Predictive.point(fn(mean, batch))
-            return Predictive(torch.stack([fn(values, batch) for values in self.sample(s, generator)]))
+                return predictive_of(fn, batch, [fn(mean, batch)])
+            return predictive_of(fn, batch, (fn(values, batch) for values in self.sample(s, generator)))
+
+    def sample_values(self, fn: AdapterFn, batch, n_samples: int, generator=None) -> list[dict[str, torch.Tensor]]:
+        """``n_samples`` draws of the adapter values from q (the draws of :meth:`predict` under ``generator``)."""
+        return self.sample(n_samples, generator)
 
     def config(self) -> dict[str, Any]:
         return {

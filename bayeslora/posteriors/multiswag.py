@@ -18,7 +18,7 @@ import torch
 from ..adapter_state import load_trained, trained_values
 from ..function import AdapterFn, model_mode
 from ..predictive import Predictive
-from . import Needs, require_fitted, sample_count
+from . import Needs, predictive_of, require_fitted, sample_count
 from .ensemble import Ensemble
 from .swag import SWAG
 
@@ -95,14 +95,18 @@ class MultiSWAG:
 
     @torch.no_grad()
     def predict(self, fn: AdapterFn, batch, *, n_samples: int | None = None, generator=None) -> Predictive:
-        members = require_fitted(self, "members")
         s = sample_count(self.name, n_samples, self.n_samples, mean=False)
-        logits = []
         with model_mode(fn.model, False):
-            for values, swag, count in zip(self.ensemble.members, members, self.split(s)):
-                for draw in swag.sample_values(fn, count, generator) if count else []:
-                    logits.append(fn({**values, **draw}, batch))
-        return Predictive(torch.stack(logits))
+            return predictive_of(fn, batch, (fn(v, batch) for v in self.sample_values(fn, batch, s, generator)))
+
+    def sample_values(self, fn: AdapterFn, batch, n_samples: int, generator=None) -> list[dict[str, torch.Tensor]]:
+        """``n_samples`` draws of the mixture as adapter values: member 0's share of SWAG draws, then member 1's, ...
+        (:meth:`split`), each over that member's trained tensors, all from ``generator``."""
+        members = require_fitted(self, "members")
+        out = []
+        for values, swag, count in zip(self.ensemble.members, members, self.split(n_samples)):
+            out += [{**values, **draw} for draw in (swag.sample_values(fn, batch, count, generator) if count else [])]
+        return out
 
     def config(self) -> dict[str, Any]:
         ens = self.ensemble.config()

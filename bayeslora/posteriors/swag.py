@@ -28,7 +28,7 @@ from ..function import AdapterFn, model_mode
 from ..predictive import Predictive
 from ..train import TrainCallback, TrainConfig, TrainStep, train_map
 from ..validate import positive, positive_int
-from . import Needs, require_fitted, sample_count
+from . import Needs, predictive_of, require_fitted, sample_count
 
 SCHEDULES = ("constant", "cyclic")
 OPTIMIZERS = ("adam", "sgd")
@@ -188,12 +188,13 @@ class SWAG:
         self._check(fn)
         flat = mean[None] if s == 0 else self.sample_flat(s, generator)
         with model_mode(fn.model, False):
-            return Predictive(torch.stack([fn(self._values(fn, theta), batch) for theta in flat]))
+            return predictive_of(fn, batch, (fn(self._values(fn, theta), batch) for theta in flat))
 
-    def sample_values(self, fn: AdapterFn, n: int, generator=None) -> list[dict[str, torch.Tensor]]:
-        """``n`` draws as adapter values (dicts of the selected tensors)."""
+    def sample_values(self, fn: AdapterFn, batch, n_samples: int, generator=None) -> list[dict[str, torch.Tensor]]:
+        """``n_samples`` draws as adapter values (dicts of the selected tensors; the draws of :meth:`predict` under
+        ``generator``; ``batch`` is unused)."""
         self._check(fn)
-        return [self._values(fn, theta) for theta in self.sample_flat(n, generator)]
+        return [self._values(fn, theta) for theta in self.sample_flat(n_samples, generator)]
 
     @staticmethod
     def _values(fn: AdapterFn, theta: torch.Tensor) -> dict[str, torch.Tensor]:

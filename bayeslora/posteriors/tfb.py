@@ -25,9 +25,9 @@ import torch
 
 from ..function import AdapterFn, model_mode
 from ..metrics import accuracy
-from ..predictive import Predictive
+from ..predictive import Predictive, TokenPredictive
 from ..validate import positive, positive_int
-from . import Needs, require_fitted, sample_count
+from . import Needs, predictive_of, require_fitted, sample_count
 
 METRICS = ("nll", "acc")
 logger = logging.getLogger(__name__)
@@ -119,6 +119,11 @@ class TFB:
         """Search σ on ``val_loader`` around the adapter the model holds (the MAP)."""
         if val_loader is None:
             raise ValueError("val_loader: TFB searches σ on a validation split; pass val_loader= (data.val_size).")
+        if self.metric == "acc" and fn.likelihood.name == "gaussian":
+            raise ValueError(
+                "metric: 'acc' needs class or token predictions; search σ on the validation NLL (metric='nll') for "
+                "a regression."
+            )
         self.values, self.bases, self.history = fn.params.values(), a_noise_bases(fn), []
         if not self.bases:
             raise ValueError(
@@ -140,14 +145,24 @@ class TFB:
         return self
 
     def validation_metric(self, fn: AdapterFn, batches, sigma: float) -> float:
-        """The metric on ``batches`` of the predictive at σ (σ = 0: the MAP), samples seeded ``seed``."""
-        log_probs, labels = [], []
+        """The metric on ``batches`` of the predictive at σ (σ = 0: the MAP), samples seeded ``seed`` (per example;
+        per target token for a token-level predictive; a regression: the NLL of its Gaussian mixture)."""
+        log_probs, labels, other = [], [], []
         generator = torch.Generator().manual_seed(self.seed)
         for batch in batches:
             s = 0 if sigma == 0 else self.n_search_samples
             pred = self._predict(fn, batch, s, generator, sigma)
-            log_probs.append(pred.log_probs.cpu())
-            labels.append(batch["labels"].cpu())
+            if isinstance(pred, TokenPredictive):  # (target-token log-probability, top-1 hit) per target token
+                other.append((pred.log_probs.double().cpu(), (pred.top_tokens == pred.targets).cpu()))
+            elif not pred.is_categorical:
+                other.append((pred.log_likelihood(batch["labels"]).cpu(), None))
+            else:
+                log_probs.append(pred.log_probs.cpu())
+                labels.append(batch["labels"].cpu())
+        if other:
+            if self.metric == "acc":
+                return float(torch.cat([hit for _, hit in other]).double().mean())
+            return float(-torch.cat([lp for lp, _ in other]).mean())
         lp, y = torch.cat(log_probs), torch.cat(labels)
         if self.metric == "acc":
             return float(accuracy(lp, y))
@@ -173,12 +188,17 @@ class TFB:
     def _predict(self, fn: AdapterFn, batch, s: int, generator, sigma: float) -> Predictive:
         with model_mode(fn.model, False):
             if s == 0:
-                return Predictive.point(fn(self.values, batch))
-            return Predictive(torch.stack([fn(v, batch) for v in self.sample(s, generator, sigma)]))
+                return predictive_of(fn, batch, [fn(self.values, batch)])
+            return predictive_of(fn, batch, (fn(v, batch) for v in self.sample(s, generator, sigma)))
 
     def predict(self, fn: AdapterFn, batch, *, n_samples: int | None = None, generator=None) -> Predictive:
         sigma = require_fitted(self, "sigma")
         return self._predict(fn, batch, sample_count(self.name, n_samples, self.n_samples), generator, sigma)
+
+    def sample_values(self, fn: AdapterFn, batch, n_samples: int, generator=None) -> list[dict[str, torch.Tensor]]:
+        """``n_samples`` draws of the adapter values at the fitted σ (the draws of :meth:`predict` under
+        ``generator``)."""
+        return self.sample(n_samples, generator, require_fitted(self, "sigma"))
 
     def config(self) -> dict[str, Any]:
         return {
