@@ -4,9 +4,9 @@
 #   BAYESLORA_DATA=/path/to/data experiments/llm_mc_cpu.sh [Hydra overrides, e.g. data=arc_easy]
 # The stages (each a resumable Hydra multirun, in priority order) are the experiment config's `stages`
 # (configs/experiment/llm_mc_cpu.yaml); re-run the same command after an interruption: finished runs are skipped
-# and the MAP adapters come from the committed MAP cache. TASKS="openbookqa arc_easy" runs several tasks.
+# and the MAP adapters come from the committed MAP cache. TASKS="sst2_demo openbookqa" (the default) lists the tasks.
 source "$(dirname "$0")/common.sh"
-TASKS=${TASKS:-openbookqa}
+TASKS=${TASKS:-"sst2_demo openbookqa"}
 STAGES_OF='import sys; from bayeslora.run import study_stages; print("\n".join(map(" ".join, study_stages(sys.argv[1:]))))'
 mapfile -t STAGES < <("$BIN/python" -c "$STAGES_OF" experiment=llm_mc_cpu)
 for task in $TASKS; do
