@@ -151,3 +151,17 @@ def token_batch(n: int, seed: int = 0, vocab: int = 64, length: int = 5) -> dict
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (n, length), generator=g)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.arange(n) % 2}
+
+
+def affine_posterior(fn, batch, noise: float, lam: float):
+    """Mean [D] and precision [D, D] of the exact Gaussian posterior over vec(B) of a toy whose outputs are affine in
+    its one random tensor (observation std ``noise``, prior precision ``lam``), from the exact Jacobian."""
+    (name,) = fn.params.names
+    b = torch.zeros_like(fn.params.values()[name]).requires_grad_(True)
+    f = fn({name: b}, batch)
+    jac = torch.stack(
+        [torch.autograd.grad(f.reshape(-1)[i], b, retain_graph=True)[0].reshape(-1) for i in range(f.numel())]
+    ).double()
+    resid = (batch["labels"].double() - f.detach().double()).reshape(-1)
+    precision = jac.T @ jac / noise**2 + lam * torch.eye(jac.shape[1], dtype=torch.float64)
+    return torch.linalg.solve(precision, jac.T @ resid / noise**2), precision

@@ -4,7 +4,7 @@ the posterior mean, variance = 1 / diag(precision)); its mean fit classifies lik
 
 import pytest
 import torch
-from helpers import LinearToy, linear_toy_fn, token_batch
+from helpers import LinearToy, affine_posterior, linear_toy_fn, token_batch
 from torch.utils.data import DataLoader
 
 from bayeslora.function import model_mode
@@ -35,16 +35,7 @@ def conjugate_toy(n: int):
 
 
 def exact_posterior(fn, batch):
-    """Mean [D] and precision [D, D] of the posterior over vec(B), from the exact Jacobian of the affine outputs."""
-    (name,) = fn.params.names
-    b = torch.zeros_like(fn.params.values()[name]).requires_grad_(True)
-    f = fn({name: b}, batch)
-    jac = torch.stack(
-        [torch.autograd.grad(f.reshape(-1)[i], b, retain_graph=True)[0].reshape(-1) for i in range(f.numel())]
-    ).double()
-    resid = (batch["labels"].double() - f.detach().double()).reshape(-1)
-    precision = jac.T @ jac / NOISE**2 + LAM * torch.eye(jac.shape[1], dtype=torch.float64)
-    return torch.linalg.solve(precision, jac.T @ resid / NOISE**2), precision
+    return affine_posterior(fn, batch, NOISE, LAM)
 
 
 @pytest.mark.parametrize("n", [64, 256])

@@ -7,7 +7,7 @@ import math
 import pyro
 import pytest
 import torch
-from helpers import TokenDataset, linear_toy_fn, tiny_fn, token_batch
+from helpers import TokenDataset, affine_posterior, linear_toy_fn, tiny_fn, token_batch
 
 from bayeslora.posteriors import METHODS, make_posterior
 from bayeslora.posteriors.vi import Variational
@@ -25,16 +25,7 @@ def conjugate_toy(n: int):
 
 
 def exact_posterior(fn, batch):
-    """Mean [D] and covariance [D, D] of the posterior over vec(B), from the (exact) Jacobian of the affine logits."""
-    (name,) = fn.params.names
-    b = torch.zeros_like(fn.params.values()[name]).requires_grad_(True)
-    f = fn({name: b}, batch)
-    jac = torch.stack(
-        [torch.autograd.grad(f.reshape(-1)[i], b, retain_graph=True)[0].reshape(-1) for i in range(f.numel())]
-    ).double()
-    resid = (batch["labels"].double() - f.detach().double()).reshape(-1)
-    precision = jac.T @ jac / NOISE**2 + LAM * torch.eye(jac.shape[1], dtype=torch.float64)
-    return torch.linalg.solve(precision, jac.T @ resid / NOISE**2), precision
+    return affine_posterior(fn, batch, NOISE, LAM)
 
 
 def fit_toy(guide: str, n: int, steps: int = 1500, **kw) -> tuple[Variational, object, dict]:
