@@ -15,6 +15,7 @@ for task in $TASKS; do
     nice -n 10 "${RUN[@]}" -m experiment=llm_mc_cpu "data=$task" "${overrides[@]}" "$@"
   done
 done
-"${TABLES[@]}" paper/results/llm_mc_cpu --model smollm2-135m --out paper/tables --name llm_mc_cpu --figures \
-  --columns winogrande_s arc_challenge arc_easy winogrande_m openbookqa boolq \
-  --rows map temperature mc_dropout ensemble last_layer_laplace kfac_laplace kfac_laplace_val vi_lowrank vi_blob
+# the table's arguments are the manifest's (tests/test_committed_tables.py regenerates it from the same)
+TABLE_ARGS='import json; print("\n".join(json.load(open("paper/tables/manifest.json"))["tables"]["llm_mc_cpu"]))'
+mapfile -t ARGS < <("$BIN/python" -c "$TABLE_ARGS")
+"${TABLES[@]}" "${ARGS[@]}" --out paper/tables --figures
