@@ -29,6 +29,14 @@ FAST = {  # small options so each method fits in a second on the tiny model
 }
 
 
+def _fit(bl, train, val, tmp_path, *, max_steps, checkpoint_every):
+    """What the façade's caller provides per ``needs``: the MAP (with checkpoints) first, validation if asked."""
+    if bl.posterior.needs.map_adapter:
+        ckpt = {"checkpoint_every": checkpoint_every, "checkpoint_dir": str(tmp_path / "ckpt")}
+        bl.fit_map(train, {"lr": 1e-2, "max_steps": max_steps, "progress": False, **ckpt})
+    bl.fit(train, val_loader=val if bl.posterior.needs.validation else None)
+
+
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_method_through_the_protocol_and_the_facade(method, tmp_path):
     fn, _ = tiny_fn("bert", r=2, dropout=0.1)
@@ -36,10 +44,7 @@ def test_method_through_the_protocol_and_the_facade(method, tmp_path):
     assert isinstance(bl.posterior, Posterior) and isinstance(bl.posterior.needs, Needs)
     ds = TokenDataset(24, seed=3)
     train, val = ds.loader(8, shuffle=True), ds.loader(8)
-    if bl.posterior.needs.map_adapter:
-        ckpt = {"checkpoint_every": 2, "checkpoint_dir": str(tmp_path / "ckpt")}
-        bl.fit_map(train, {"lr": 1e-2, "max_steps": 4, "progress": False, **ckpt})
-    bl.fit(train, val_loader=val if bl.posterior.needs.validation else None)
+    _fit(bl, train, val, tmp_path, max_steps=4, checkpoint_every=2)
     batch = next(iter(val))
     first = bl.predict(batch, generator=torch.Generator().manual_seed(5))
     again = bl.predict(batch, generator=torch.Generator().manual_seed(5))
@@ -61,10 +66,7 @@ def test_n_samples_means_one_thing(method, tmp_path):
     fn, _ = tiny_fn("bert", r=2, dropout=0.1)
     bl = BayesianLoRA(fn.model, fn.readout, method, prior_precision=1.0, **FAST.get(method, {}))
     ds = TokenDataset(16, seed=4)
-    if bl.posterior.needs.map_adapter:
-        ckpt = {"checkpoint_every": 1, "checkpoint_dir": str(tmp_path / "ckpt")}
-        bl.fit_map(ds.loader(8), {"lr": 1e-2, "max_steps": 2, "progress": False, **ckpt})
-    bl.fit(ds.loader(8), val_loader=ds.loader(8) if bl.posterior.needs.validation else None)
+    _fit(bl, ds.loader(8), ds.loader(8), tmp_path, max_steps=2, checkpoint_every=1)
     batch = next(iter(ds.loader(8)))
     with pytest.raises(ValueError, match="n_samples: expected None"):
         bl.predict(batch, n_samples=-1)
@@ -87,10 +89,7 @@ def test_regression_through_the_protocol_and_the_facade(method, tmp_path):
     bl = BayesianLoRA(fn.model, fn.readout, method, prior_precision=1.0, **FAST.get(method, {}), **regression)
     ds = RegressionTokens(24, seed=3)
     train, val = ds.loader(8, shuffle=True), ds.loader(8)
-    if bl.posterior.needs.map_adapter:
-        ckpt = {"checkpoint_every": 2, "checkpoint_dir": str(tmp_path / "ckpt")}
-        bl.fit_map(train, {"lr": 1e-2, "max_steps": 4, "progress": False, **ckpt})
-    bl.fit(train, val_loader=val if bl.posterior.needs.validation else None)
+    _fit(bl, train, val, tmp_path, max_steps=4, checkpoint_every=2)
     batch = next(iter(val))
     first = bl.predict(batch, generator=torch.Generator().manual_seed(5))
     again = bl.predict(batch, generator=torch.Generator().manual_seed(5))
