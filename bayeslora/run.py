@@ -52,7 +52,6 @@ from .trackers import flat_metrics
 from .train import TrainConfig, TrainResult, fit_noise_std
 from .wrapper import BayesianLoRA
 
-TOKEN_METRIC_KEYS = TOKEN_KEYS  # what a generative run records
 logger = logging.getLogger(__name__)
 register_method_defaults()  # the method configs' defaults (Hydra ConfigStore), for any way of composing configs/
 

@@ -356,15 +356,15 @@ def test_smoke_generative_through_the_app(tmp_path):
     from hydra import compose, initialize_config_dir
 
     from bayeslora.io import load_torch
-    from bayeslora.metrics import records_of
-    from bayeslora.run import TOKEN_METRIC_KEYS, run
+    from bayeslora.metrics import TOKEN_KEYS, records_of
+    from bayeslora.run import run
 
     configs = str(__import__("pathlib").Path(__file__).resolve().parents[1] / "configs")
     with initialize_config_dir(config_dir=configs, version_base=None):
         cfg = compose("config", overrides=["experiment=smoke_generative", f"results_dir={tmp_path}"])
     result = run(cfg)
     stored = json.loads((__import__("pathlib").Path(result["run_dir"]) / "metrics.json").read_text())
-    assert all(k in stored["splits"]["test"] for k in TOKEN_METRIC_KEYS)
+    assert all(k in stored["splits"]["test"] for k in TOKEN_KEYS)
     preds = load_torch(__import__("pathlib").Path(result["run_dir"]) / "predictions.pt")
     again = records_of(preds["test"]).metrics()
     assert again == pytest.approx(stored["splits"]["test"]) and stored["perplexity"] > 1
