@@ -10,8 +10,7 @@
 source "$(dirname "$0")/common.sh"
 STUDY=${STUDY:-minilm_calibration}
 case "$STUDY" in
-  minilm_calibration) COLUMNS=(rte boolq sst2) ;;
-  minilm_paper_tasks) COLUMNS=(winogrande_s arc_challenge arc_easy winogrande_m openbookqa boolq) ;;
+  minilm_calibration | minilm_paper_tasks) ;;
   *) echo "STUDY: expected minilm_calibration or minilm_paper_tasks, got '$STUDY'" >&2; exit 2 ;;
 esac
 sweep() { nice -n 10 "${RUN[@]}" -m "experiment=$STUDY" "$@"; }
@@ -21,7 +20,8 @@ for stage in "${STAGES[@]}"; do
   read -r -a overrides <<< "$stage"
   sweep "${overrides[@]}" "$@"
 done
-"${TABLES[@]}" results/minilm_calibration --model minilm --out paper/tables --name "$STUDY" --figures \
-  --columns "${COLUMNS[@]}" \
-  --rows map temperature mc_dropout checkpoint_ensemble ensemble last_layer_laplace kfac_laplace kfac_laplace_val \
-  vi_meanfield vi_lowrank vi_blob
+# the table's arguments are the manifest's (tests/test_committed_tables.py regenerates it from the same)
+TABLE_ARGS='import json, sys; t = json.load(open("paper/tables/manifest.json"))["tables"]; print("\n".join(t.get(sys.argv[1], [])))'
+mapfile -t ARGS < <("$BIN/python" -c "$TABLE_ARGS" "$STUDY")
+if [ ${#ARGS[@]} -eq 0 ]; then echo "paper/tables/manifest.json has no table '$STUDY': add its arguments there" >&2; exit 2; fi
+"${TABLES[@]}" "${ARGS[@]}" --out paper/tables --figures
