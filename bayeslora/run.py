@@ -28,6 +28,7 @@ import os
 import shutil
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -180,23 +181,50 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                     tracker.close()
 
 
+@dataclass
+class _Setup:
+    """What the run's stages share: the task, the model, the loaders (prefix-cached where configured)."""
+
+    task: Any
+    tokenizer: Any
+    bl: BayesianLoRA
+    train_loader: Any
+    loaders: dict[str, Any]
+    ood_sets: dict
+    prepare: Any  # the prefix cache's loader transform, or None
+    classes: bool  # whether the run is evaluated as classification (its metrics, the + TS row, the diagram)
+
+
 def _execute(
     cfg: dict[str, Any], run_dir: Path, metrics_path: Path, identity: dict[str, Any], trackers: list
 ) -> dict[str, Any]:
-    """The stages of a run: data (and every OOD set, checked before any training) -> model -> MAP -> posterior ->
-    predictions -> the record, written last."""
+    """The stages of a run: setup (data and every OOD set, checked before any training; the model; the loaders) ->
+    fit (the MAP the method needs, then the posterior) -> predict (every split, the OOD sets) -> score (the record,
+    the + TS row, the OOD report) -> write (predictions, diagram, ``metrics.json`` last, the trackers)."""
     t0 = time.perf_counter()
-    seed = int(cfg["seed"])
     logger.info("run %s (setting %s, run %s)", run_dir, setting_id(identity), run_id(identity))
     logger.info("config: %s", json.dumps(identity, sort_keys=True, default=str))
+    setup = _setup(cfg)
+    timings: dict[str, float] = {"setup_s": time.perf_counter() - t0}
+    sizes = (len(setup.task.train), len(setup.task.validation), len(setup.task.test))
+    logger.info("data: %s train / %s validation / %s test rows of %s (%s %s); setup %.1f s", *sizes,
+                cfg["data"]["task"], setup.task.num_classes,
+                "output, regression" if setup.task.is_regression else "classes", timings["setup_s"])  # fmt: skip
+    map_info = _fit(cfg, setup, run_dir, identity, trackers, timings)
+    preds, ood_preds, ood_info = _predict(cfg, setup, timings)
+    result = _score(cfg, setup, map_info, preds, ood_preds, ood_info)
+    return _write(cfg, setup, result, preds, run_dir, metrics_path, identity, trackers, timings, t0)
+
+
+def _setup(cfg: dict[str, Any]) -> _Setup:
     tokenizer = load_tokenizer(locate(cfg["model"]["name"]), cfg["model"]["format"])
     task = _build_task(cfg, tokenizer)
     classes = _class_evaluation(cfg, task)  # before any training
     ood_sets = _prepare_ood(cfg, tokenizer, task)
     bl = _build_model(cfg, task)
     tcfg = cfg["train"]
-    train_loader = make_loader(task.train, tokenizer, batch_size=tcfg["batch_size"], shuffle=True, seed=seed,
-                               group_by_length=bool(tcfg.get("group_by_length")))  # fmt: skip
+    train_loader = make_loader(task.train, tokenizer, batch_size=tcfg["batch_size"], shuffle=True,
+                               seed=int(cfg["seed"]), group_by_length=bool(tcfg.get("group_by_length")))  # fmt: skip
     eval_bs = cfg["eval"]["batch_size"]
     loaders = {
         "validation": make_loader(task.validation, tokenizer, batch_size=eval_bs),
@@ -209,12 +237,12 @@ def _execute(
         logger.info(
             "%s: prefix states of %s cached in %.1f s", bl.fn.prefix, ["train", *loaders], time.perf_counter() - t
         )
-    timings: dict[str, float] = {"setup_s": time.perf_counter() - t0}
-    sizes = (len(task.train), len(task.validation), len(task.test))
-    logger.info("data: %s train / %s validation / %s test rows of %s (%s %s); setup %.1f s", *sizes,
-                cfg["data"]["task"], task.num_classes, "output, regression" if task.is_regression else "classes",
-                timings["setup_s"])  # fmt: skip
+    return _Setup(task, tokenizer, bl, train_loader, loaders, ood_sets, prepare, classes)
 
+
+def _fit(cfg, setup: _Setup, run_dir: Path, identity, trackers, timings: dict[str, float]) -> dict[str, Any]:
+    """The MAP adapter when the method needs one (trained or from the MAP cache), then the posterior."""
+    bl, task, train_loader = setup.bl, setup.task, setup.train_loader
     t = time.perf_counter()
     map_info: dict[str, Any] = {}
     needs, checkpoints = bl.posterior.needs, None
@@ -230,32 +258,50 @@ def _execute(
         logger.info("MAP adapter %s in %.1f s", how, time.perf_counter() - t)
     timings["map_train_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    val = loaders["validation"] if needs.validation else None
+    val = setup.loaders["validation"] if needs.validation else None
     bl.fit(train_loader, val_loader=val, checkpoints=checkpoints)
     timings["fit_s"] = time.perf_counter() - t
     logger.info("posterior %s fitted in %.1f s", bl.method, timings["fit_s"])
     prior = bl.fitted_prior_precision()
     if prior is not None:
         logger.info("prior precision (%s): %s", cfg["method"].get("prior_fit"), [round(x, 6) for x in prior])
+    return map_info
 
-    splits = list(dict.fromkeys(["validation", *cfg["eval"]["splits"]]))
+
+def _splits(cfg: Mapping[str, Any]) -> list[str]:
+    return list(dict.fromkeys(["validation", *cfg["eval"]["splits"]]))
+
+
+def _predict(cfg, setup: _Setup, timings: dict[str, float]):
+    """Per-example predictions of every evaluated split (validation always: the + TS row's T), then the OOD sets."""
+    seed, n_samples = int(cfg["seed"]), cfg["eval"]["n_samples"]
     preds: dict[str, Predictions] = {}
-    for split in splits:
+    for split in _splits(cfg):
         t = time.perf_counter()
-        preds[split] = bl.predictions(loaders[split], n_samples=cfg["eval"]["n_samples"], seed=seed)
+        preds[split] = setup.bl.predictions(setup.loaders[split], n_samples=n_samples, seed=seed)
         timings[f"predict_{split}_s"] = time.perf_counter() - t
         logger.info("predicted %s in %.1f s: %s", split, timings[f"predict_{split}_s"], preds[split].metrics())
     ood_preds, ood_info = {}, {}
-    if ood_sets:
+    if setup.ood_sets:
         t = time.perf_counter()
         ood_preds, ood_info = predict_ood(
-            bl, tokenizer, ood_sets, batch_size=eval_bs, n_samples=cfg["eval"]["n_samples"], seed=seed,
-            prepare_loader=prepare,
+            setup.bl, setup.tokenizer, setup.ood_sets, batch_size=cfg["eval"]["batch_size"], n_samples=n_samples,
+            seed=seed, prepare_loader=setup.prepare,
         )  # fmt: skip
         timings["predict_ood_s"] = time.perf_counter() - t
+    return preds, ood_preds, ood_info
 
-    result = _record(cfg, task, map_info, preds)
-    if classes and cfg["eval"]["temperature_row"]:  # T scales the model-average log-probabilities: its argmax stays
+
+def _main_split(preds: Mapping[str, Predictions], cfg: Mapping[str, Any]) -> str:
+    return "test" if "test" in preds else _splits(cfg)[-1]
+
+
+def _score(cfg, setup: _Setup, map_info, preds: dict[str, Predictions], ood_preds, ood_info) -> dict[str, Any]:
+    """The record's metrics: every split, the + TS rows (adds ``<split>_ts`` to ``preds``), the OOD report (adds
+    the OOD sets' predictions), and the main split's headline keys."""
+    result = _record(cfg, setup.task, map_info, preds)
+    splits = _splits(cfg)
+    if setup.classes and cfg["eval"]["temperature_row"]:  # T scales the model-average log-probabilities: its argmax
         temp = fit_temperature(preds["validation"].log_probs, preds["validation"].labels, where="eval.temperature_row")
         result["temperature"] = temp
         logger.info("temperature of the + TS row: %.4g", temp)
@@ -263,18 +309,23 @@ def _execute(
             scaled = temperature_scaled(preds[split], temp)
             preds[f"{split}_ts"] = scaled
             result["splits"][f"{split}_ts"] = scaled.metrics()
-    main_split = "test" if "test" in preds else splits[-1]
-    if ood_sets:
+    main_split = _main_split(preds, cfg)
+    if setup.ood_sets:
         result["ood"], saved = ood_report(preds, ood_preds, main_split, result.get("temperature"))
         result["ood_info"] = {"in_distribution": main_split, "sets": ood_info}
         preds.update(saved)
-    keys = CLASSIFICATION_KEYS if classes else REGRESSION_KEYS if task.is_regression else TOKEN_KEYS
+    keys = CLASSIFICATION_KEYS if setup.classes else REGRESSION_KEYS if setup.task.is_regression else TOKEN_KEYS
     result.update({k: result["splits"][main_split][k] for k in keys})
+    return result
+
+
+def _write(cfg, setup: _Setup, result, preds, run_dir: Path, metrics_path: Path, identity, trackers, timings, t0):
+    """Predictions and the diagram first, ``metrics.json`` last (atomically: a run with it is complete)."""
     save_torch({s: p.state_dict() for s, p in preds.items()}, run_dir / "predictions.pt")
-    if classes and cfg["eval"]["reliability_diagram"]:  # a diagram of class confidences
-        result["reliability_diagram"] = _reliability(cfg, preds, main_split, run_dir)
+    if setup.classes and cfg["eval"]["reliability_diagram"]:  # a diagram of class confidences
+        result["reliability_diagram"] = _reliability(cfg, preds, _main_split(preds, cfg), run_dir)
     timings["total_s"] = time.perf_counter() - t0
-    result.update(timings=timings, device=str(bl.fn.device), run_dir=str(run_dir), config=cfg, identity=identity)
+    result.update(timings=timings, device=str(setup.bl.fn.device), run_dir=str(run_dir), config=cfg, identity=identity)
     result.update(run_id=run_id(identity), setting_id=setting_id(identity), bayeslora_version=_version())
     record = RunRecord.from_dict(result, run_dir)
     record.write(metrics_path)

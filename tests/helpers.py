@@ -3,6 +3,9 @@ function of the tokens."""
 
 from __future__ import annotations
 
+import importlib
+from pathlib import Path
+
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -165,3 +168,46 @@ def affine_posterior(fn, batch, noise: float, lam: float):
     resid = (batch["labels"].double() - f.detach().double()).reshape(-1)
     precision = jac.T @ jac / noise**2 + lam * torch.eye(jac.shape[1], dtype=torch.float64)
     return torch.linalg.solve(precision, jac.T @ resid / noise**2), precision
+
+
+# ----------------------------------------------------------------------------- per-method test options
+
+METHOD_OPTION_KEYS = {"fast", "non_default", "posterior_mean", "fixed_members"}
+
+
+def method_options() -> dict[str, dict]:
+    """Every registered method's test options, from the ``METHOD_OPTIONS`` dict of the test module that tests it.
+
+    A method is its module, its config and its test: the shared tests (protocol, config round trip, regression)
+    take what they need of a method from its own test file, so adding a method edits no shared test. Keys:
+
+    * ``fast`` (required): options that fit on the tiny model in about a second (protocol and regression tests);
+    * ``non_default`` (required): every option changed from its default, so a ``config()`` that drops one shows;
+    * ``posterior_mean`` (default True): whether ``n_samples=0`` is a point predictive;
+    * ``fixed_members`` (default False): whether the samples are a fixed set of members (ensembles).
+    """
+    found: dict[str, dict] = {}
+    for path in sorted(Path(__file__).parent.glob("test_*.py")):
+        if "\nMETHOD_OPTIONS = " not in path.read_text(encoding="utf-8"):
+            continue
+        module = importlib.import_module(path.stem)
+        for name, options in module.METHOD_OPTIONS.items():
+            if name in found:
+                raise ValueError(f"METHOD_OPTIONS[{name!r}] is declared twice ({found[name]['_file']}, {path.name}).")
+            unknown = set(options) - METHOD_OPTION_KEYS
+            if unknown or not {"fast", "non_default"} <= set(options):
+                raise ValueError(f"{path.name}: METHOD_OPTIONS[{name!r}] needs 'fast' and 'non_default' and takes "
+                                 f"only {sorted(METHOD_OPTION_KEYS)}; got {sorted(options)}.")  # fmt: skip
+            found[name] = {"posterior_mean": True, "fixed_members": False, **options, "_file": path.name}
+    return found
+
+
+def options_of(method: str) -> dict:
+    """One method's test options (:func:`method_options`), with a clear error when its test file declares none."""
+    found = method_options()
+    if method not in found:
+        raise LookupError(
+            f"method {method!r} has no test options: add METHOD_OPTIONS[{method!r}] = "
+            "{'fast': {...}, 'non_default': {...}} to its test file (tests/test_<module>.py)."
+        )
+    return found[method]

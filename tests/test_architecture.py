@@ -68,3 +68,21 @@ def test_the_runner_reads_no_posterior_attribute_outside_the_protocol():
     }
     assert used <= protocol, used - protocol
     assert "getattr(bl.posterior" not in (PACKAGE / "run.py").read_text()
+
+
+def test_the_registry_is_every_register_of_the_posteriors_package(tmp_path):
+    """A method is registered by its own module (a ``REGISTER`` literal), read without importing it."""
+    import pytest
+
+    from bayeslora.posteriors import METHODS, discover
+
+    assert discover(PACKAGE / "posteriors", "bayeslora.posteriors") == METHODS
+    (tmp_path / "one.py").write_text('import no_such_package\nREGISTER = {"one": "One", "two": ("Two", {"k": 2})}\n')
+    (tmp_path / "other.py").write_text("X = 1\n")
+    assert discover(tmp_path, "pkg") == {"one": ("pkg.one:One", {}), "two": ("pkg.one:Two", {"k": 2})}
+    (tmp_path / "three.py").write_text('REGISTER = {"one": "Again"}\n')
+    with pytest.raises(ValueError, match="'one' is registered twice"):
+        discover(tmp_path, "pkg")
+    (tmp_path / "three.py").write_text('REGISTER = {"three": make()}\n')
+    with pytest.raises(TypeError, match="must be a literal dict"):
+        discover(tmp_path, "pkg")

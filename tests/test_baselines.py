@@ -10,6 +10,22 @@ from bayeslora.posteriors.baselines import CheckpointEnsemble, MCDropout, Temper
 from bayeslora.posteriors.map import MAP
 from bayeslora.train import TrainConfig, train_map
 
+# The shared tests' options for the methods this file tests (what each key means: helpers.method_options).
+METHOD_OPTIONS = {
+    "map": {"fast": {}, "non_default": {}},
+    "mc_dropout": {"fast": {"n_samples": 3}, "non_default": {"n_samples": 4, "p": 0.2, "include_model_dropout": True}},
+    "temperature": {
+        "fast": {},
+        "non_default": {"base": "mc_dropout", "base_options": {"n_samples": 3}, "n_samples": 3, "prior_precision": 2.0},
+    },
+    "checkpoint_ensemble": {
+        "fast": {"m": 2},
+        "non_default": {"m": 2, "checkpoint_dir": "/tmp/ckpts"},
+        "posterior_mean": False,
+        "fixed_members": True,
+    },
+}
+
 
 def test_temperature_recovers_a_known_temperature_and_keeps_accuracy():
     g = torch.Generator().manual_seed(0)

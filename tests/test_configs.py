@@ -1,6 +1,7 @@
 """One source of defaults: the Hydra method configs are the Python defaults; config() rebuilds every method."""
 
 import pytest
+from helpers import options_of
 from omegaconf import OmegaConf
 
 from bayeslora.cli import GROUPS
@@ -51,40 +52,9 @@ def test_the_library_and_the_app_build_the_same_method(method):
     assert a == b
 
 
-# every option changed from its default, so that config() dropping any of them shows
-NON_DEFAULT = {
-    "map": {},
-    "kfac_laplace": {"backend": "own", "fisher": "mc", "mc_samples": 3, "kfac_approx": "expand", "rank": 4,
-                     "lowrank_threshold": 16, "predictive": "sampling", "n_samples": 7, "prior_precision": 2.5,
-                     "prior_fit": "val_nll", "prior_per_layer": True, "prior_grid": [1e-2, 1e2, 5], "chunk_size": 3,
-                     "seed": 4},
-    "vi_meanfield": {"steps": 11, "epochs": 2.0, "lr": 3e-3, "scale_lr": 5e-2, "num_particles": 2, "elbo": "meanfield",
-                     "kl_weight": 0.5, "kl_warmup_steps": 3, "rank": 3, "init_scale": 2e-2, "prior_precision": 4.0,
-                     "prior_mean": "init", "flipout": False, "n_samples": 5, "likelihood": "gaussian",
-                     "noise_std": 0.3, "progress": False, "seed": 9},
-    "ensemble": {"k": 3, "train": {"lr": 1e-2}, "seeds": [4, 5, 6], "base_seed": 2, "prior_precision": 3.0,
-                 "keep_on_device": False, "include_current": False, "progress": False},
-    "mc_dropout": {"n_samples": 4, "p": 0.2, "include_model_dropout": True},
-    "temperature": {"base": "mc_dropout", "base_options": {"n_samples": 3}, "n_samples": 3, "prior_precision": 2.0},
-    "checkpoint_ensemble": {"m": 2, "checkpoint_dir": "/tmp/ckpts"},
-    "ivon": {"lr": 0.2, "epochs": 2.0, "max_steps": 7, "ess": 1e4, "hess_init": 0.3, "beta1": 0.8, "beta2": 0.999,
-             "weight_decay": 1e-3, "prior_precision": 2.0, "clip_radius": 0.01, "warmup_ratio": 0.1, "grad_accum": 2,
-             "clip": 1.0, "n_samples": 5, "seed": 3, "progress": False},
-    "swag": {"n_snapshots": 4, "collect_every": 2, "rank": 3, "lr": 1e-3, "schedule": "cyclic", "optimizer": "sgd",
-             "momentum": 0.5, "scale": 1.0, "prior_precision": 2.0, "grad_accum": 2, "clip": None, "n_samples": 5,
-             "seed": 3, "progress": False},
-    "multiswag": {"k": 2, "train": {"lr": 1e-2}, "seeds": [3, 4], "base_seed": 2, "prior_precision": 3.0,
-                  "include_current": False, "swag": {"rank": 3}, "n_samples": 4, "progress": False},
-    "tfb": {"metric": "nll", "tolerance": 0.02, "sigma_min": 1e-3, "sigma_max": 0.5, "n_search": 5,
-            "n_search_samples": 3, "n_samples": 5, "seed": 2},
-}  # fmt: skip
-NON_DEFAULT["diag_laplace"] = NON_DEFAULT["last_layer_laplace"] = NON_DEFAULT["kfac_laplace"]
-NON_DEFAULT["vi_lowrank"] = NON_DEFAULT["vi_blob"] = NON_DEFAULT["vi_meanfield"]
-
-
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_config_rebuilds_an_equal_posterior(method):
-    options = NON_DEFAULT[method]
+    options = options_of(method)["non_default"]  # every option changed from its default (its test file's)
     p = make_posterior(method, **options)
     config = p.config()
     missing = sorted(set(method_defaults(method)) - set(config))

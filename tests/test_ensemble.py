@@ -14,6 +14,18 @@ from bayeslora.train import TrainConfig, train_map
 TRAIN = {"lr": 1e-2, "max_steps": 4, "progress": False}
 
 
+# The shared tests' options for the methods this file tests (what each key means: helpers.method_options).
+METHOD_OPTIONS = {
+    "ensemble": {
+        "fast": {"k": 2, "train": {"max_steps": 2, "lr": 1e-2, "progress": False}, "progress": False},
+        "non_default": {"k": 3, "train": {"lr": 1e-2}, "seeds": [4, 5, 6], "base_seed": 2, "prior_precision": 3.0,
+                        "keep_on_device": False, "include_current": False, "progress": False},
+        "posterior_mean": False,
+        "fixed_members": True,
+    },
+}  # fmt: skip
+
+
 def _flat(fn, values):
     return fn.params.flatten(values)
 

@@ -17,6 +17,18 @@ from bayeslora.train import TrainConfig, train_map
 NOISE, LAM = 0.5, 4.0  # observation std and prior precision of the conjugate toy
 
 
+# The shared tests' options for the methods this file tests (what each key means: helpers.method_options).
+METHOD_OPTIONS = {
+    "ivon": {
+        "fast": {"max_steps": 3, "n_samples": 3, "progress": False},
+        "non_default": {"lr": 0.2, "epochs": 2.0, "max_steps": 7, "ess": 1e4, "hess_init": 0.3, "beta1": 0.8,
+                        "beta2": 0.999, "weight_decay": 1e-3, "prior_precision": 2.0, "clip_radius": 0.01,
+                        "warmup_ratio": 0.1, "grad_accum": 2, "clip": 1.0, "n_samples": 5, "seed": 3,
+                        "progress": False},
+    },
+}  # fmt: skip
+
+
 def loader(batch, batch_size, shuffle=False):
     n = batch["labels"].shape[0]
     rows = [{k: v[i] for k, v in batch.items()} for i in range(n)]

@@ -23,6 +23,22 @@ from bayeslora.run import compose
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "method"
 
 
+# The shared tests' options for the methods this file tests (what each key means: helpers.method_options).
+_LAPLACE_NON_DEFAULT = {
+    "backend": "own", "fisher": "mc", "mc_samples": 3, "kfac_approx": "expand", "rank": 4, "lowrank_threshold": 16,
+    "predictive": "sampling", "n_samples": 7, "prior_precision": 2.5, "prior_fit": "val_nll", "prior_per_layer": True,
+    "prior_grid": [1e-2, 1e2, 5], "chunk_size": 3, "seed": 4,
+}  # fmt: skip
+METHOD_OPTIONS = {
+    "kfac_laplace": {
+        "fast": {"prior_fit": "val_nll", "prior_grid": [1e-2, 1e2, 5]},
+        "non_default": _LAPLACE_NON_DEFAULT,
+    },
+    "diag_laplace": {"fast": {}, "non_default": _LAPLACE_NON_DEFAULT},
+    "last_layer_laplace": {"fast": {}, "non_default": _LAPLACE_NON_DEFAULT},
+}
+
+
 def setup(kind="bert", n=24, seed=0, include_head=True, **kw):
     fn, _ = tiny_fn(kind, r=2, include_head=include_head, **kw)
     randomize_lora_b(fn, scale=0.3, seed=seed)

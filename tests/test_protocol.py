@@ -3,30 +3,11 @@ save -> load -> identical predictions -> config() round trip."""
 
 import pytest
 import torch
-from helpers import RegressionTokens, TokenDataset, tiny_fn
+from helpers import RegressionTokens, TokenDataset, method_options, options_of, tiny_fn
 
 from bayeslora import BayesianLoRA
 from bayeslora.models import load_model
 from bayeslora.posteriors import METHODS, Needs, Posterior, make_posterior
-
-FAST = {  # small options so each method fits in a second on the tiny model
-    "ensemble": {"k": 2, "train": {"max_steps": 2, "lr": 1e-2, "progress": False}, "progress": False},
-    "vi_meanfield": {"steps": 3, "n_samples": 3, "progress": False},
-    "vi_lowrank": {"steps": 3, "n_samples": 3, "rank": 2, "progress": False},
-    "vi_blob": {"steps": 3, "n_samples": 3, "progress": False},
-    "mc_dropout": {"n_samples": 3},
-    "checkpoint_ensemble": {"m": 2},
-    "kfac_laplace": {"prior_fit": "val_nll", "prior_grid": [1e-2, 1e2, 5]},
-    "ivon": {"max_steps": 3, "n_samples": 3, "progress": False},
-    "swag": {"n_snapshots": 3, "collect_every": 1, "rank": 2, "n_samples": 3, "progress": False},
-    "multiswag": {
-        "k": 2,
-        "train": {"max_steps": 2, "lr": 1e-2, "progress": False},
-        "n_samples": 3,
-        "progress": False,
-        "swag": {"n_snapshots": 2, "collect_every": 1, "rank": 2},
-    },
-}
 
 
 def _fit(bl, train, val, tmp_path, *, max_steps, checkpoint_every):
@@ -40,7 +21,7 @@ def _fit(bl, train, val, tmp_path, *, max_steps, checkpoint_every):
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_method_through_the_protocol_and_the_facade(method, tmp_path):
     fn, _ = tiny_fn("bert", r=2, dropout=0.1)
-    bl = BayesianLoRA(fn.model, fn.readout, method, prior_precision=1.0, **FAST.get(method, {}))
+    bl = BayesianLoRA(fn.model, fn.readout, method, prior_precision=1.0, **options_of(method)["fast"])
     assert isinstance(bl.posterior, Posterior) and isinstance(bl.posterior.needs, Needs)
     ds = TokenDataset(24, seed=3)
     train, val = ds.loader(8, shuffle=True), ds.loader(8)
@@ -64,18 +45,19 @@ def test_method_through_the_protocol_and_the_facade(method, tmp_path):
 def test_n_samples_means_one_thing(method, tmp_path):
     """None: the default; 0: the posterior mean (a point predictive) where the method has one; negative: an error."""
     fn, _ = tiny_fn("bert", r=2, dropout=0.1)
-    bl = BayesianLoRA(fn.model, fn.readout, method, prior_precision=1.0, **FAST.get(method, {}))
+    bl = BayesianLoRA(fn.model, fn.readout, method, prior_precision=1.0, **options_of(method)["fast"])
     ds = TokenDataset(16, seed=4)
     _fit(bl, ds.loader(8), ds.loader(8), tmp_path, max_steps=2, checkpoint_every=1)
     batch = next(iter(ds.loader(8)))
     with pytest.raises(ValueError, match="n_samples: expected None"):
         bl.predict(batch, n_samples=-1)
-    if method in ("ensemble", "checkpoint_ensemble", "multiswag"):  # mixtures: no one posterior mean
+    declared = options_of(method)
+    if declared["fixed_members"]:
+        with pytest.raises(ValueError, match="fixed members"):
+            bl.predict(batch, n_samples=7)
+    if not declared["posterior_mean"]:  # mixtures: no one posterior mean
         with pytest.raises(ValueError, match="n_samples: .* has no posterior-mean predictive"):
             bl.predict(batch, n_samples=0)
-        if method != "multiswag":
-            with pytest.raises(ValueError, match="fixed members"):
-                bl.predict(batch, n_samples=7)
         return
     assert bl.predict(batch, n_samples=0).num_samples == 1
 
@@ -86,7 +68,7 @@ def test_regression_through_the_protocol_and_the_facade(method, tmp_path):
     a generator, and survives save -> load (the readout's σ included)."""
     fn, _ = tiny_fn("bert", r=2, dropout=0.1, noise_std=0.3)
     regression = {"tfb": {"metric": "nll"}}.get(method, {})  # TFB's default search metric is accuracy
-    bl = BayesianLoRA(fn.model, fn.readout, method, prior_precision=1.0, **FAST.get(method, {}), **regression)
+    bl = BayesianLoRA(fn.model, fn.readout, method, prior_precision=1.0, **options_of(method)["fast"], **regression)
     ds = RegressionTokens(24, seed=3)
     train, val = ds.loader(8, shuffle=True), ds.loader(8)
     _fit(bl, train, val, tmp_path, max_steps=4, checkpoint_every=2)
@@ -106,3 +88,12 @@ def test_regression_through_the_protocol_and_the_facade(method, tmp_path):
     after = loaded.predict(batch, generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(after.logits, first.logits)
     torch.testing.assert_close(after.predictive_variance, first.predictive_variance)
+
+
+def test_every_method_declares_its_test_options_in_its_own_test_file():
+    """The shared tests take each method's options from the test file that tests it (helpers.method_options): every
+    registered method has them and every declaration names a registered method."""
+    declared = method_options()
+    assert sorted(declared) == sorted(METHODS), set(METHODS) ^ set(declared)
+    with pytest.raises(LookupError, match="add METHOD_OPTIONS\\['no_such_method'\\]"):
+        options_of("no_such_method")

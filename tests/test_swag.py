@@ -16,6 +16,24 @@ from bayeslora.train import TrainCallback, TrainConfig, train_map
 MAP_TRAIN = {"lr": 1e-2, "max_steps": 6, "progress": False}
 
 
+# The shared tests' options for the methods this file tests (what each key means: helpers.method_options).
+METHOD_OPTIONS = {
+    "swag": {
+        "fast": {"n_snapshots": 3, "collect_every": 1, "rank": 2, "n_samples": 3, "progress": False},
+        "non_default": {"n_snapshots": 4, "collect_every": 2, "rank": 3, "lr": 1e-3, "schedule": "cyclic",
+                        "optimizer": "sgd", "momentum": 0.5, "scale": 1.0, "prior_precision": 2.0, "grad_accum": 2,
+                        "clip": None, "n_samples": 5, "seed": 3, "progress": False},
+    },
+    "multiswag": {
+        "fast": {"k": 2, "train": {"max_steps": 2, "lr": 1e-2, "progress": False}, "n_samples": 3, "progress": False,
+                 "swag": {"n_snapshots": 2, "collect_every": 1, "rank": 2}},
+        "non_default": {"k": 2, "train": {"lr": 1e-2}, "seeds": [3, 4], "base_seed": 2, "prior_precision": 3.0,
+                        "include_current": False, "swag": {"rank": 3}, "n_samples": 4, "progress": False},
+        "posterior_mean": False,
+    },
+}  # fmt: skip
+
+
 class Copies(TrainCallback):
     """The naive collection: a full copy of the selected tensors every ``every`` steps."""
 

@@ -11,6 +11,15 @@ from bayeslora.posteriors import make_posterior
 from bayeslora.posteriors.tfb import TFB, a_noise_bases, bisect_log_sigma
 from bayeslora.train import TrainConfig, train_map
 
+# The shared tests' options for the methods this file tests (what each key means: helpers.method_options).
+METHOD_OPTIONS = {
+    "tfb": {
+        "fast": {},
+        "non_default": {"metric": "nll", "tolerance": 0.02, "sigma_min": 1e-3, "sigma_max": 0.5, "n_search": 5,
+                        "n_search_samples": 3, "n_samples": 5, "seed": 2},
+    },
+}  # fmt: skip
+
 
 @pytest.mark.parametrize("threshold", [1.3e-4, 3.7e-3, 0.02, 0.5, 0.99])
 def test_bisection_finds_a_known_threshold_within_its_resolution(threshold):

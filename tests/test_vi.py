@@ -17,6 +17,19 @@ from bayeslora.run import _instantiate, _run_level_options, compose
 NOISE, LAM = 0.5, 4.0  # observation std and prior precision of the conjugate toy
 
 
+# The shared tests' options for the methods this file tests (what each key means: helpers.method_options).
+_VI_NON_DEFAULT = {
+    "steps": 11, "epochs": 2.0, "lr": 3e-3, "scale_lr": 5e-2, "num_particles": 2, "elbo": "meanfield", "kl_weight": 0.5,
+    "kl_warmup_steps": 3, "rank": 3, "init_scale": 2e-2, "prior_precision": 4.0, "prior_mean": "init",
+    "flipout": False, "n_samples": 5, "likelihood": "gaussian", "noise_std": 0.3, "progress": False, "seed": 9,
+}  # fmt: skip
+METHOD_OPTIONS = {
+    "vi_meanfield": {"fast": {"steps": 3, "n_samples": 3, "progress": False}, "non_default": _VI_NON_DEFAULT},
+    "vi_lowrank": {"fast": {"steps": 3, "n_samples": 3, "rank": 2, "progress": False}, "non_default": _VI_NON_DEFAULT},
+    "vi_blob": {"fast": {"steps": 3, "n_samples": 3, "progress": False}, "non_default": _VI_NON_DEFAULT},
+}
+
+
 def conjugate_toy(n: int):
     fn = linear_toy_fn()
     batch = token_batch(n)

@@ -23,16 +23,19 @@ Methods with weight samples (Laplace, VI, ensembles, MAP, IVON, SWAG / MultiSWAG
 draws are dropout masks, so it offers ``sampling_mode(fn, generator)`` instead (the LoRA dropout on, in a forked
 RNG seeded from ``generator``). Both are optional; :func:`has_weight_samples` tells which a posterior has.
 
-``METHODS`` maps a method name to ``"module:attribute"`` of its factory; modules are imported
-lazily so that e.g. Pyro is only imported when a VI method is used.
+``METHODS`` maps a method name to ``"module:attribute"`` of its factory and the options the method fixes; it is
+read from the ``REGISTER`` literal of each module of this package (:func:`discover`) without importing them, so that
+e.g. Pyro is only imported when a VI method is used, and a new method is registered by its own module alone.
 """
 
 from __future__ import annotations
 
+import ast
 import importlib
 import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -92,7 +95,7 @@ class Posterior(Protocol):
         ...
 
     def config(self) -> dict[str, Any]:
-        """Constructor keyword arguments (JSON-able), so ``METHODS[name](**config())`` rebuilds it."""
+        """Constructor keyword arguments (JSON-able), so ``make_posterior(name, **config())`` rebuilds it."""
         ...
 
     def state_dict(self) -> dict[str, Any]: ...
@@ -100,30 +103,50 @@ class Posterior(Protocol):
     def load_state_dict(self, state: Mapping[str, Any]) -> None: ...
 
 
-METHODS: dict[str, str | tuple[str, dict[str, Any]]] = {
-    "map": "bayeslora.posteriors.map:MAP",
-    "kfac_laplace": ("bayeslora.posteriors.laplace:Laplace", {"structure": "kron"}),
-    "diag_laplace": ("bayeslora.posteriors.laplace:Laplace", {"structure": "diag"}),
-    "last_layer_laplace": ("bayeslora.posteriors.laplace:Laplace", {"structure": "last_layer"}),
-    "vi_meanfield": ("bayeslora.posteriors.vi:Variational", {"guide": "meanfield"}),
-    "vi_lowrank": ("bayeslora.posteriors.vi:Variational", {"guide": "lowrank"}),
-    "vi_blob": ("bayeslora.posteriors.vi:Variational", {"guide": "blob"}),
-    "ensemble": "bayeslora.posteriors.ensemble:Ensemble",
-    "mc_dropout": "bayeslora.posteriors.baselines:MCDropout",
-    "temperature": "bayeslora.posteriors.baselines:TemperatureScaling",
-    "checkpoint_ensemble": "bayeslora.posteriors.baselines:CheckpointEnsemble",
-    "ivon": "bayeslora.posteriors.ivon:IVONPosterior",
-    "swag": "bayeslora.posteriors.swag:SWAG",
-    "multiswag": "bayeslora.posteriors.multiswag:MultiSWAG",
-    "tfb": "bayeslora.posteriors.tfb:TFB",
-}
+REGISTER_NAME = "REGISTER"
+
+
+def discover(directory: str | Path, package: str) -> dict[str, tuple[str, dict[str, Any]]]:
+    """The methods the modules of ``directory`` (the package ``package``) register, read without importing them.
+
+    A module registers methods with a module-level literal ``REGISTER = {name: attribute}`` (or
+    ``{name: (attribute, {fixed options})}``); the result maps each name to ``("package.module:attribute", fixed)``.
+    Adding a method is therefore its module, its ``configs/method/<name>.yaml`` and its test: nothing else names it.
+    """
+    found: dict[str, tuple[str, dict[str, Any]]] = {}
+    for path in sorted(Path(directory).glob("*.py")):
+        source = path.read_text(encoding="utf-8")
+        if REGISTER_NAME not in source:
+            continue
+        for node in ast.parse(source, filename=str(path)).body:
+            target = node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else None
+            target = node.target if isinstance(node, ast.AnnAssign) else target
+            if not (isinstance(target, ast.Name) and target.id == REGISTER_NAME and node.value is not None):
+                continue
+            try:
+                entries = ast.literal_eval(node.value)
+            except ValueError as err:
+                raise TypeError(
+                    f"{path}: {REGISTER_NAME} must be a literal dict of name -> attribute ({err})."
+                ) from None
+            for name, entry in entries.items():
+                attr, fixed = (entry, {}) if isinstance(entry, str) else entry
+                if not (isinstance(name, str) and isinstance(attr, str) and isinstance(fixed, dict)):
+                    raise TypeError(f"{path}: {REGISTER_NAME}[{name!r}] must be 'Attribute' or ('Attribute', {{...}}).")
+                if name in found:
+                    raise ValueError(f"method {name!r} is registered twice: {found[name][0]} and {path.stem}:{attr}.")
+                found[name] = (f"{package}.{path.stem}:{attr}", dict(fixed))
+    return found
+
+
+# name -> ("module:attribute" of its factory, the options the method fixes): every REGISTER of this package.
+METHODS: dict[str, tuple[str, dict[str, Any]]] = discover(Path(__file__).parent, __name__)
 
 
 def _entry(method: str) -> tuple[str, dict[str, Any]]:
     if method not in METHODS:
         raise ValueError(f"method: unknown method {method!r}; expected one of {sorted(METHODS)}.")
-    entry = METHODS[method]
-    target, fixed = (entry, {}) if isinstance(entry, str) else entry
+    target, fixed = METHODS[method]
     return target, dict(fixed)
 
 

@@ -24,6 +24,14 @@ from ..rng import forked, seed_from
 from ..validate import positive_int
 from . import Needs, accepts, make_posterior, predictive_of, refuse_token_level, require_fitted, sample_count
 
+# The methods this module registers (read by bayeslora.posteriors without importing this module): name ->
+# the factory's attribute name, or (attribute, options the method fixes).
+REGISTER = {
+    "mc_dropout": "MCDropout",
+    "temperature": "TemperatureScaling",
+    "checkpoint_ensemble": "CheckpointEnsemble",
+}
+
 
 class TemperatureScaling:
     """Temperature scaling (Guo et al., ICML 2017) on top of a base method's model average.

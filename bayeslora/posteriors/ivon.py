@@ -34,6 +34,10 @@ from ..train import TrainConfig, train_map
 from ..validate import positive
 from . import Needs, predictive_of, require_fitted, sample_count
 
+# The methods this module registers (read by bayeslora.posteriors without importing this module): name ->
+# the factory's attribute name, or (attribute, options the method fixes).
+REGISTER = {"ivon": "IVONPosterior"}
+
 
 def gaussian(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Standard normal noise shaped like ``like`` (on its device, float32 or wider) drawn from ``generator`` on the

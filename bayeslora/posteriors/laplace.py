@@ -31,6 +31,14 @@ from . import Needs, predictive_of, registered_name, require_fitted, sample_coun
 from .kfac import KFAC_APPROX
 from .laplace_own import LaplaceSettings, OwnLaplace
 
+# The methods this module registers (read by bayeslora.posteriors without importing this module): name ->
+# the factory's attribute name, or (attribute, options the method fixes).
+REGISTER = {
+    "kfac_laplace": ("Laplace", {"structure": "kron"}),
+    "diag_laplace": ("Laplace", {"structure": "diag"}),
+    "last_layer_laplace": ("Laplace", {"structure": "last_layer"}),
+}
+
 STRUCTURES = ("kron", "diag", "last_layer")
 PREDICTIVES = ("glm_probit", "glm_mc", "sampling")
 PRIOR_FITS = ("none", "marglik", "val_nll")

@@ -11,6 +11,10 @@ from ..function import AdapterFn, model_mode
 from ..predictive import Predictive
 from . import Needs, predictive_of, require_fitted, sample_count
 
+# The methods this module registers (read by bayeslora.posteriors without importing this module): name ->
+# the factory's attribute name, or (attribute, options the method fixes).
+REGISTER = {"map": "MAP"}
+
 
 class MAP:
     """The fine-tuned adapter itself; ``predict`` returns its logits as one sample ``[1, B, C]``."""

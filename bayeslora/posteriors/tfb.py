@@ -29,6 +29,10 @@ from ..predictive import Predictive, TokenPredictive
 from ..validate import positive, positive_int
 from . import Needs, predictive_of, require_fitted, sample_count
 
+# The methods this module registers (read by bayeslora.posteriors without importing this module): name ->
+# the factory's attribute name, or (attribute, options the method fixes).
+REGISTER = {"tfb": "TFB"}
+
 METRICS = ("nll", "acc")
 logger = logging.getLogger(__name__)
 

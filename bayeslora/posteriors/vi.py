@@ -58,6 +58,14 @@ from .vi_guides import (
     scaled_guide,
 )
 
+# The methods this module registers (read by bayeslora.posteriors without importing this module): name ->
+# the factory's attribute name, or (attribute, options the method fixes).
+REGISTER = {
+    "vi_meanfield": ("Variational", {"guide": "meanfield"}),
+    "vi_lowrank": ("Variational", {"guide": "lowrank"}),
+    "vi_blob": ("Variational", {"guide": "blob"}),
+}
+
 ELBOS = {"trace": Trace_ELBO, "meanfield": TraceMeanField_ELBO}
 FINAL_LR_FRACTION = 0.1  # ClippedAdam's lr decays geometrically to this fraction over a fit
 # Initial posterior std per guide (init_scale=None), chosen by validation NLL post hoc from a MiniLM SST-2 MAP
