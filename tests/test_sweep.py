@@ -125,6 +125,7 @@ def test_study_stages_live_in_the_experiment_config_and_compose(study):
             check_run_config(OmegaConf.to_container(job, resolve=True))
             swept.add(job.method_label)
     assert {"map", "kfac_laplace", "kfac_laplace_val", "vi_blob", "ensemble", "mc_dropout"} <= swept
+    assert {"swag", "tfb", "ivon", "multiswag"} <= swept
     # the stages are not part of a run's identity: editing them does not change the run directory
     from bayeslora.results import run_identity
 
@@ -132,6 +133,30 @@ def test_study_stages_live_in_the_experiment_config_and_compose(study):
     edited = cfg.copy()
     edited.stages = [["method=map"]]
     assert run_identity(cfg) == run_identity(edited) and "stages" in cfg and edited.stages != cfg.stages
+
+
+STAGED = sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml") if "\nstages:" in p.read_text())
+
+
+@pytest.mark.parametrize("study", STAGED)
+def test_every_stage_of_every_staged_study_composes_into_a_checked_run(study):
+    """What experiments/study.sh runs: each stage's jobs (a comma list of methods is a sweep) compose and pass the
+    run checks, in the study's own results store; the MAP runs come first where the study trains MAPs."""
+    from bayeslora.config_check import check_run_config
+    from bayeslora.run import study_stages
+
+    stages = study_stages([f"experiment={study}"])
+    assert stages, study
+    methods_of = [next(o for o in s if o.startswith("method=")).removeprefix("method=").split(",") for s in stages]
+    for stage, methods in zip(stages, methods_of):
+        # a swept value (seed=0,1,2) composes as its first value
+        rest = [o.split(",")[0] if "[" not in o else o for o in stage if not o.startswith("method=")]
+        for method in methods:
+            job = compose([f"experiment={study}", f"method={method}", *rest])
+            check_run_config(OmegaConf.to_container(job, resolve=True))
+            assert job.run_dir.startswith(f"{job.results_dir}/")
+    if any("map" in m for m in methods_of):
+        assert "map" in methods_of[0]
 
 
 @pytest.mark.slow
