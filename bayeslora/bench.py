@@ -9,7 +9,10 @@ LoRA ``r`` on ``q_proj, v_proj`` by default; see :mod:`bayeslora.benchmarks.comm
 * ``vi`` – Pyro SVI step and sampling predictive; ``ensemble`` – time per member and predictive;
 * ``all`` – all four; ``scaling`` – curves vs sequence length, LoRA rank and adapted modules (``--plot``);
 * ``prefix`` – the frozen-prefix cache on a real model (``--model``, default SmolLM2-135M): train step, K-FAC fit and
-  GLM predictive with the full model vs the cached prefix, LoRA on the top k blocks (``--top-layers``), interleaved.
+  GLM predictive with the full model vs the cached prefix, LoRA on the top k blocks (``--top-layers``), interleaved;
+* ``generative`` – the token-level path on a real causal LM (``--model``): forward, train step, K-FAC fit with the MC
+  Fisher over the target tokens and the S-sample predictive over the whole vocabulary, with peak memory
+  (LoRA on the top ``--top-layers`` blocks, its first value; 0: all).
 
 Every run also measures the baseline (forward, functional forward, ``train_map`` step) that the
 ratios are relative to; ``--compare`` adds the peers in the same process (laplace-torch KronLaplace
@@ -31,7 +34,7 @@ from typing import Any
 
 SCHEMA = "bayeslora.bench/1"
 SUITES = ("train", "laplace", "vi", "ensemble")
-COMMANDS = (*SUITES, "all", "scaling", "prefix")
+COMMANDS = (*SUITES, "all", "scaling", "prefix", "generative")
 ALL_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 SCALING_DEFAULTS = {"tiny": ([32, 64, 128], [2, 4, 8]), "gpu": ([128, 256, 512, 1024], [4, 8, 16, 32])}
 
@@ -85,7 +88,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--module-sets", type=lambda t: [_names(s) for s in t.split(";") if s.strip()],
                    default=None, help="scaling: ';'-separated comma lists of target modules")  # fmt: skip
     p.add_argument("--model", default="smollm2-135m", help="prefix: the model (a bayeslora.models name)")
-    p.add_argument("--top-layers", type=_ints, default=[2, 4, 8], help="prefix: k of the top-k LoRA blocks")
+    p.add_argument("--top-layers", type=lambda t: [] if t == "0" else _ints(t), default=[2, 4, 8],
+                   help="prefix: k of the top-k LoRA blocks; generative: its first value (0: all blocks)")  # fmt: skip
     p.add_argument("--profile", type=int, default=0, help="add the top-N operators of one profiled call per timing")
     p.add_argument("--out", default=None, help="write the JSON here (atomically)")
     p.add_argument("--plot", default=None, help="scaling: write the PNG here")
@@ -145,12 +149,17 @@ def run(opts: argparse.Namespace) -> dict[str, Any]:
 
     device = resolve_device(opts.device)
     dtype = resolve_dtype(opts.dtype, device)
-    if opts.command == "prefix":
+    if opts.command in ("prefix", "generative"):  # a real model, not the random Llama of the other suites
+        from .benchmarks.generative import generative_suite
         from .benchmarks.prefix import prefix_suite
 
         report = {"schema": SCHEMA, "command": opts.command, "env": environment(device),
                   "config": {k: v for k, v in vars(opts).items() if k not in ("out", "plot", "quiet")}}  # fmt: skip
-        report["results"] = {"prefix": prefix_suite(opts)}
+        suite = prefix_suite if opts.command == "prefix" else generative_suite
+        report["results"] = {opts.command: suite(opts)}
+        if opts.command == "generative":  # its ratios and targets sit beside the results, as in the other suites
+            for key in ("ratios", "targets"):
+                report[key] = report["results"]["generative"].pop(key)
         report["env"]["max_rss_bytes"] = environment(device)["max_rss_bytes"]
         return report
     base = build_base(opts.size, device, dtype, seed=opts.seed)

@@ -119,3 +119,29 @@ def test_bench_prefix_times_full_and_cached_and_checks_exactness(tmp_path):
     assert entry["max_abs_logit_diff"]["float32"] <= 1e-5 < entry["max_abs_logit"]
     assert entry["max_abs_logit_diff"]["float16"] <= 1e-2
     assert entry["expected_speedup"]["forward"] == 2.0
+
+
+def test_bench_generative_times_the_token_level_path_and_its_memory(tmp_path):
+    out = tmp_path / "generative.json"
+    report = main(["generative", "--model", "tiny-llama", "--top-layers", "0", "--batch-size", "2", "--seq-len", "12",
+                   "--steps", "2", "--repeats", "1", "--warmup", "0", "--samples", "3", "--quiet",
+                   "--out", str(out)])  # fmt: skip
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    entry = report["results"]["generative"]
+    assert entry["target_tokens_per_batch"] == 2 * 6  # the second half of each row
+    for op in ("forward", "train_step", "kfac_fit_mc", "sampling"):
+        assert entry["timings"][op]["median_s"] > 0
+    assert {t["name"] for t in report["targets"]} >= {"kfac_fit_mc_vs_train_step", "sampling_vs_forward"}
+    peaks = entry["peak_extra_bytes"]
+    if peaks["train_step"] is not None:  # Linux: the forked probe; a train step holds activations and gradients
+        assert peaks["train_step"] > 0 and peaks["sampling"] >= 0
+
+
+def test_the_cpu_memory_probe_sees_an_allocation():
+    from bayeslora.benchmarks.generative import cpu_peak_extra_bytes
+
+    big = cpu_peak_extra_bytes(lambda: torch.ones(64 * 2**20 // 4).sum())  # 64 MiB
+    small = cpu_peak_extra_bytes(lambda: torch.ones(16).sum())
+    if big is None:
+        pytest.skip("no /proc/self/clear_refs here")
+    assert big >= 60 * 2**20 > small
