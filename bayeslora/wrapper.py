@@ -216,6 +216,36 @@ class BayesianLoRA:
         return generate(self.posterior, self.fn, input_ids, attention_mask, n_samples=n_samples, generator=generator,
                         **generate_kwargs)  # fmt: skip
 
+    def answer_uncertainty(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        tokenizer: Any = None,
+        *,
+        decode=None,
+        n_samples: int = 8,
+        max_new_tokens: int = 16,
+        generator: torch.Generator | None = None,
+    ) -> list:
+        """Answer-level uncertainty of free-form answers (:mod:`bayeslora.answers`): ``n_samples`` posterior draws
+        each answer the left-padded prompts greedily; answers grouped by normalised text, scored by every draw.
+        ``tokenizer`` gives the decoding, EOS and padding (or pass ``decode``: ids -> text). Returns one
+        :class:`~bayeslora.answers.AnswerRecord` per prompt; ``bayeslora.answers.answer_metrics`` scores them."""
+        from .answers import answer_samples
+
+        if decode is None:
+            if tokenizer is None:
+                raise ValueError("tokenizer: expected the model's tokenizer (or decode=, token ids -> text).")
+
+            def decode(ids):
+                return tokenizer.decode(ids, skip_special_tokens=True)
+
+        eos = getattr(tokenizer, "eos_token_id", None)
+        pad = getattr(tokenizer, "pad_token_id", None)
+        return answer_samples(self.posterior, self.fn, input_ids, attention_mask, decode, n_samples=n_samples,
+                              max_new_tokens=max_new_tokens, eos_token_id=eos,
+                              pad_token_id=int(pad if pad is not None else 0), generator=generator)  # fmt: skip
+
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> Path:
         """Save the adapter (peft format), the posterior state and the metadata into directory ``path``.
