@@ -262,7 +262,9 @@ def _auroc_of_errors(uncertainty: torch.Tensor, correct: torch.Tensor) -> float 
 
 def answer_metrics(records: Sequence[AnswerRecord], gold: Sequence[str], n_bins: int = ECE_BINS) -> dict[str, Any]:
     """Accuracy (normalised exact match) of the posterior's answer and of the MAP's; how well each uncertainty
-    predicts an error (AUROC; None when every answer is right or every one wrong); AURC and ECE of the confidences."""
+    predicts an error (``err_auroc_*``: vote entropy, predictive entropy, MI, and the MAP's length-normalised
+    likelihood for the MAP's answer; None when every answer is right or every one wrong); AURC and ECE of the
+    posterior's confidence p̄(answer) and of the MAP's (``map_*``); ``n`` the number of answers."""
     if len(records) != len(gold) or not records:
         raise ValueError(f"gold: expected one gold answer per record ({len(records)}), got {len(gold)}.")
     truth = [normalize_answer(g) for g in gold]
@@ -277,10 +279,10 @@ def answer_metrics(records: Sequence[AnswerRecord], gold: Sequence[str], n_bins:
     return {
         "acc": float(correct.double().mean()),
         "map_acc": float(map_correct.double().mean()),
-        "auroc_vote_entropy": _auroc_of_errors(scores("vote_entropy"), correct),
-        "auroc_entropy": _auroc_of_errors(scores("total_entropy"), correct),
-        "auroc_mi": _auroc_of_errors(scores("mutual_information"), correct),
-        "auroc_map_likelihood": _auroc_of_errors(-map_conf, map_correct),
+        "err_auroc_votes": _auroc_of_errors(scores("vote_entropy"), correct),
+        "err_auroc_entropy": _auroc_of_errors(scores("total_entropy"), correct),
+        "err_auroc_mi": _auroc_of_errors(scores("mutual_information"), correct),
+        "err_auroc_map": _auroc_of_errors(-map_conf, map_correct),
         "aurc": selective_aurc(conf, correct),
         "map_aurc": selective_aurc(map_conf, map_correct),
         "ece": float(binary_calibration_error(conf.float(), correct.long(), n_bins=n_bins, norm="l1")),

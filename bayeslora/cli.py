@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 
 METRIC_NAMES = (  # = bayeslora.tables.METRICS
-    "acc", "ece", "nll", "brier", "aurc", "auroc_entropy", "auroc_mi", "rmse", "cov50", "cov90", "cov95", "rce"
+    "acc", "ece", "nll", "brier", "aurc", "auroc_entropy", "auroc_mi", "rmse", "cov50", "cov90", "cov95", "rce",
+    "map_acc", "err_auroc_votes", "err_auroc_entropy", "err_auroc_mi", "err_auroc_map", "map_aurc", "map_ece",
 )  # fmt: skip
 GROUPS = ("model", "lora", "data", "method", "train", "experiment", "debug", "logger")
 HELP_FLAGS = ("--help", "-h")

@@ -22,7 +22,8 @@ DATA_KEYS = frozenset({"name", "task", "root", "max_length", "max_train", "max_e
 MODEL_KEYS = frozenset({"name", "format", "lora_targets"})
 PARAMS_KEYS = frozenset({"include", "exclude", "include_head", "lora_tensors"})
 PREFIX_CACHE_KEYS = frozenset({"enabled", "dtype", "dir"})
-EVAL_KEYS = frozenset({"splits", "n_samples", "temperature_row", "reliability_diagram", "batch_size", "ood"})
+EVAL_KEYS = frozenset({"splits", "n_samples", "temperature_row", "reliability_diagram", "batch_size", "ood", "answers"})
+ANSWERS_KEYS = frozenset({"n_samples", "max_new_tokens", "max_eval"})
 
 
 def group_keys() -> dict[str, frozenset[str]]:
@@ -66,6 +67,19 @@ def check_run_config(cfg: Mapping[str, Any]) -> None:
         if not isinstance(node, Mapping):
             raise ValueError(f"{group}: expected a config group (a mapping), got {type(node).__name__}.")
         _unknown(group, node, allowed)
+    answers = cfg["eval"].get("answers")
+    if answers is not None:
+        if not isinstance(answers, Mapping):
+            raise ValueError(
+                f"eval.answers: expected null (off) or a mapping {{n_samples, max_new_tokens, max_eval}}, got "
+                f"{answers!r}; e.g. eval.answers='{{n_samples: 8, max_new_tokens: 16}}'."
+            )
+        _unknown("eval.answers", answers, ANSWERS_KEYS)
+        if cfg["model"].get("format") != "generative":
+            raise ValueError(
+                f"eval.answers: answer-level uncertainty needs free-form answers (model.format=generative), got "
+                f"format {cfg['model'].get('format')!r}; set data/model to a generative task or eval.answers=null."
+            )
     method = cfg.get("method") or {}
     name = method.get("name")
     if name not in METHODS:

@@ -69,6 +69,12 @@ RUNTIME_KEYS = frozenset(
         "prefix_cache.dir",  # where the cached prefix states are kept (keyed by everything they depend on)
     }
 )
+# Keys added after results were stored, with the value that reproduces what runs did before they existed: at that
+# value a key is left out of the identity, so stored runs keep their ids (and are never silently re-labelled); any
+# other value is part of the identity. The value of an entry must never change.
+ADDED_KEYS: dict[str, Any] = {
+    "eval.answers": None,  # answer-level uncertainty of free-form answers (bayeslora.answers): off
+}
 # Keys that only act after the MAP adapter is trained (the MAP cache ignores them).
 POST_MAP_KEYS = frozenset({"method", "eval"})
 RESOLVER = "bayeslora_setting"
@@ -106,6 +112,8 @@ def _identity_tree(node: DictConfig, prefix: str = "") -> dict[str, Any]:
         if reference and _derived(path, str(raw._value())[2:-1]):
             continue  # e.g. method.seed: ${seed} — determined by a key already in the identity
         value = node[key]
+        if path in ADDED_KEYS and _plain(value) == ADDED_KEYS[path]:
+            continue  # a key added later, at the value that reproduces the runs stored before it
         out[key] = _identity_tree(value, f"{path}.") if isinstance(value, DictConfig) else _plain(value)
     return out
 

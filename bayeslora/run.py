@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -213,7 +214,8 @@ def _execute(
     map_info = _fit(cfg, setup, run_dir, identity, trackers, timings)
     preds, ood_preds, ood_info = _predict(cfg, setup, timings)
     result = _score(cfg, setup, map_info, preds, ood_preds, ood_info)
-    return _write(cfg, setup, result, preds, run_dir, metrics_path, identity, trackers, timings, t0)
+    answers = _answers(cfg, setup, result, timings)
+    return _write(cfg, setup, result, preds, run_dir, metrics_path, identity, trackers, timings, t0, answers)
 
 
 def _setup(cfg: dict[str, Any]) -> _Setup:
@@ -319,9 +321,50 @@ def _score(cfg, setup: _Setup, map_info, preds: dict[str, Predictions], ood_pred
     return result
 
 
-def _write(cfg, setup: _Setup, result, preds, run_dir: Path, metrics_path: Path, identity, trackers, timings, t0):
+def _answers(cfg, setup: _Setup, result: dict[str, Any], timings: dict[str, float]) -> dict[str, Any]:
+    """With ``eval.answers``: the test prompts answered by S posterior draws (:mod:`bayeslora.answers`); their
+    metrics go into ``result["splits"]["test_answers"]``, the records (and gold texts) into ``predictions.pt``
+    under ``"answers/test"``. Returns what to save (empty when off)."""
+    spec = cfg["eval"].get("answers")
+    if not spec:
+        return {}
+    from .answers import answer_metrics
+    from .data.collate import IGNORE_INDEX
+
+    t = time.perf_counter()
+    tok, rows = setup.tokenizer, setup.task.test
+    limit = spec.get("max_eval")
+    rows = rows.select(range(min(int(limit), len(rows)))) if limit else rows
+    prompts, gold = [], []
+    for ids, labels in zip(rows["input_ids"], rows["labels"]):
+        start = next(i for i, y in enumerate(labels) if y != IGNORE_INDEX)
+        target = [y for y in labels[start:] if y != tok.eos_token_id]
+        prompts.append(list(ids[:start]))
+        gold.append(tok.decode(target, skip_special_tokens=True))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    generator = torch.Generator().manual_seed(int(cfg["seed"]))
+    records, size = [], int(cfg["eval"]["batch_size"])
+    for start in range(0, len(prompts), size):
+        chunk = prompts[start : start + size]
+        width = max(len(p) for p in chunk)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+        records += setup.bl.answer_uncertainty(
+            ids, mask, tok, n_samples=int(spec.get("n_samples", 8)), max_new_tokens=int(spec.get("max_new_tokens", 16)),
+            generator=generator,
+        )  # fmt: skip
+    metrics = {k: v for k, v in answer_metrics(records, gold).items() if v is not None and k != "n"}
+    result["splits"]["test_answers"] = metrics
+    timings["answers_s"] = time.perf_counter() - t
+    logger.info("answered %d test prompts x %s draws in %.1f s: %s", len(records), spec.get("n_samples", 8),
+                timings["answers_s"], metrics)  # fmt: skip
+    return {"answers/test": {"records": [r.state_dict() for r in records], "gold": gold}}
+
+
+def _write(cfg, setup: _Setup, result, preds, run_dir: Path, metrics_path: Path, identity, trackers, timings, t0,
+           extra: Mapping[str, Any] | None = None):  # fmt: skip
     """Predictions and the diagram first, ``metrics.json`` last (atomically: a run with it is complete)."""
-    save_torch({s: p.state_dict() for s, p in preds.items()}, run_dir / "predictions.pt")
+    save_torch({**{s: p.state_dict() for s, p in preds.items()}, **(extra or {})}, run_dir / "predictions.pt")
     if setup.classes and cfg["eval"]["reliability_diagram"]:  # a diagram of class confidences
         result["reliability_diagram"] = _reliability(cfg, preds, _main_split(preds, cfg), run_dir)
     timings["total_s"] = time.perf_counter() - t0
@@ -473,6 +516,18 @@ def format_table(result: Mapping[str, Any], split: str = "test") -> str:
             cov = " | ".join(f"{m[k]:5.3f}" for k in ("cov50", "cov90", "cov95"))
             lines.append(f"| {name:<{width}} | {m['nll']:6.4f} | {m['rmse']:6.4f} | {cov} | {m['rce']:6.4f} |")
         return "\n".join(lines)
+    if "token_nll" in rows[0][1]:  # a generative run: token-level metrics (and the answers', with eval.answers)
+        lines = [
+            f"| {'method':<{width}} | token NLL | token ACC % | token ECE % | seq NLL | perplexity |",
+            f"|{'-' * (width + 2)}|-----------|-------------|-------------|---------|------------|",
+        ]
+        for name, m in rows:
+            lines.append(f"| {name:<{width}} | {m['token_nll']:9.4f} | {100 * m['token_acc']:11.2f} | "
+                         f"{100 * m['token_ece']:11.2f} | {m['seq_nll']:7.3f} | {m['perplexity']:10.3f} |")  # fmt: skip
+        answers = result["splits"].get(f"{split}_answers")
+        if answers:
+            lines.append("answers: " + ", ".join(f"{k} {v:.4g}" for k, v in answers.items()))
+        return "\n".join(lines)
     lines = [
         f"| {'method':<{width}} | ACC %  | ECE %  |  NLL   | Brier  |",
         f"|{'-' * (width + 2)}|--------|--------|--------|--------|",
@@ -512,7 +567,8 @@ def main() -> None:
         result = run(cfg)
         if distributed.world().main:  # under torchrun only rank 0 prints the results table
             _report(result)
-        return float(result["splits"]["validation"]["nll"])  # what a sweeper (Optuna) minimises: validation NLL
+        validation = result["splits"]["validation"]  # what a sweeper (Optuna) minimises: the validation NLL
+        return float(validation["nll"] if "nll" in validation else validation["token_nll"])
 
     _app()
 

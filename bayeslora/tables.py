@@ -47,6 +47,14 @@ METRICS = {  # name -> (header, scale, higher is better)
     "rce": ("Reg. calibration error ↓", 1.0, False),
     "auroc_entropy": ("OOD AUROC, entropy (%) ↑", 100.0, True),
     "auroc_mi": ("OOD AUROC, MI (%) ↑", 100.0, True),
+    # free-form answers (eval.answers; bayeslora.answers.answer_metrics), in the "<split>_answers" split
+    "map_acc": ("MAP's answer ACC (%) ↑", 100.0, True),
+    "err_auroc_votes": ("Error AUROC, vote entropy (%) ↑", 100.0, True),
+    "err_auroc_entropy": ("Error AUROC, predictive entropy (%) ↑", 100.0, True),
+    "err_auroc_mi": ("Error AUROC, MI (%) ↑", 100.0, True),
+    "err_auroc_map": ("Error AUROC, MAP likelihood (%) ↑", 100.0, True),
+    "map_aurc": ("MAP's AURC ↓", 1.0, False),
+    "map_ece": ("MAP's ECE (%) ↓", 100.0, False),
 }
 TS_NOTE = (
     "+ TS: temperature scaling of the method's model-average log-probabilities (T fit on validation NLL), so its "

@@ -133,7 +133,7 @@ def test_answer_metrics_equal_naive_computations():
     mi = [r.mutual_information for r in recs]
     pairs = [(mi[i] > mi[j]) + 0.5 * (mi[i] == mi[j]) for i in range(4) for j in range(4)
              if not correct[i] and correct[j]]  # fmt: skip
-    assert m["auroc_mi"] == pytest.approx(sum(pairs) / len(pairs))
+    assert m["err_auroc_mi"] == pytest.approx(sum(pairs) / len(pairs))
     conf = torch.tensor([r.confidence for r in recs], dtype=torch.float64)
     order = torch.argsort(conf, descending=True)
     risks = [sum(not correct[i] for i in order[: k + 1].tolist()) / (k + 1) for k in range(4)]

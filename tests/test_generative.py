@@ -368,3 +368,30 @@ def test_smoke_generative_through_the_app(tmp_path):
     preds = load_torch(__import__("pathlib").Path(result["run_dir"]) / "predictions.pt")
     again = records_of(preds["test"]).metrics()
     assert again == pytest.approx(stored["splits"]["test"]) and stored["perplexity"] > 1
+    # eval.answers: the answers' metrics recompute from the stored records and gold texts
+    from bayeslora.answers import AnswerRecord, answer_metrics
+
+    saved = preds["answers/test"]
+    assert len(saved["records"]) == len(saved["gold"]) == 8
+    records = [AnswerRecord.from_state_dict(r) for r in saved["records"]]
+    recomputed = {k: v for k, v in answer_metrics(records, saved["gold"]).items() if v is not None and k != "n"}
+    assert recomputed == pytest.approx(stored["splits"]["test_answers"])
+    assert all(r.probs.shape == (3, len(r.candidates)) for r in records)
+
+
+def test_an_added_config_key_at_its_old_value_leaves_stored_identities_unchanged():
+    from bayeslora.results import ADDED_KEYS, run_identity
+    from bayeslora.run import compose
+
+    assert ADDED_KEYS["eval.answers"] is None
+    plain = compose(["experiment=smoke"])
+    assert "answers" not in run_identity(plain)["eval"]  # the runs stored before eval.answers keep their ids
+    on = compose(["experiment=smoke_generative"])
+    assert run_identity(on)["eval"]["answers"] == {"n_samples": 3, "max_new_tokens": 6, "max_eval": 8}
+    with pytest.raises(ValueError, match="eval.answers: answer-level uncertainty needs free-form answers"):
+        from omegaconf import OmegaConf
+
+        from bayeslora.config_check import check_run_config
+
+        check_run_config(OmegaConf.to_container(compose(["experiment=smoke", "eval.answers={n_samples: 2}"]),
+                                                resolve=True))  # fmt: skip
