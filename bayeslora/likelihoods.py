@@ -42,12 +42,18 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
-FISHERS = ("ggn", "mc", "empirical")
+# "mc_sequence": the MC Fisher of an example's whole likelihood at once. For one output per example it is "mc"; for
+# a token sequence it samples every target token, takes one backward pass of the sampled sequence's gradient per
+# sample (the T per-token columns of "mc" summed), unbiased for the same per-token Fisher sum (the cross terms have
+# mean zero), T times cheaper and noisier (TokenCategorical.loss_sqrt_columns).
+FISHERS = ("ggn", "mc", "empirical", "mc_sequence")
 
 
-def _check_fisher(fisher: str) -> None:
+def _check_fisher(fisher: str) -> str:
+    """The Fisher type, checked; ``"mc_sequence"`` is ``"mc"`` for a likelihood with one output per example."""
     if fisher not in FISHERS:
         raise ValueError(f"fisher: expected one of {list(FISHERS)}, got {fisher!r}.")
+    return fisher
 
 
 @runtime_checkable
@@ -78,8 +84,8 @@ class Categorical:
     ) -> torch.Tensor:
         """``"ggn"``: the exact square root of ``diag(p) − p pᵀ`` with ``K = C − 1`` (the Hessian annihilates
         the all-ones direction); ``"mc"``: ``K = mc_samples`` sampled-label gradients ``(p − e_ŷ)/√K``;
-        ``"empirical"``: the true-label gradient ``p − e_y``."""
-        _check_fisher(fisher)
+        ``"empirical"``: the true-label gradient ``p − e_y``; ``"mc_sequence"`` is ``"mc"`` (one output per example)."""
+        fisher = "mc" if _check_fisher(fisher) == "mc_sequence" else fisher
         p = torch.softmax(outputs.detach().double(), dim=-1)
         b, c = p.shape
         if fisher == "ggn":
@@ -137,8 +143,9 @@ class Gaussian:
         self, outputs: torch.Tensor, labels: torch.Tensor, fisher: str, mc_samples: int = 1, generator=None
     ) -> torch.Tensor:
         """``"ggn"``: ``I / σ`` (``K = O``: the Hessian ``I / σ²`` is constant); ``"mc"``: ``ε / σ`` with
-        ``ε ~ N(0, I)`` (``E[ε εᵀ] = I``), ``K = mc_samples`` scaled by ``1/√K``; ``"empirical"``: ``(f − y) / σ²``."""
-        _check_fisher(fisher)
+        ``ε ~ N(0, I)`` (``E[ε εᵀ] = I``), ``K = mc_samples`` scaled by ``1/√K``; ``"empirical"``: ``(f − y) / σ²``;
+        ``"mc_sequence"`` is ``"mc"``."""
+        fisher = "mc" if _check_fisher(fisher) == "mc_sequence" else fisher
         b, o = outputs.shape
         if fisher == "ggn":
             eye = torch.eye(o, dtype=outputs.dtype, device=outputs.device) / self.noise_std
@@ -268,8 +275,12 @@ class TokenCategorical:
         over the columns, ``(Jᵀ s)(Jᵀ s)ᵀ`` is the per-token Fisher summed over target tokens: ``"mc"`` draws
         ``mc_samples`` tokens per target position from the model, ``s = (p − e_ŷ)/√K``; ``"empirical"`` uses the
         target token, ``s = p − e_y``. The rows of a batch are independent, so one column serves all rows; the cost
-        is (the most target tokens of a row) × K backward passes per batch. ``"ggn"`` (the exact GGN: ``V − 1``
-        backward passes per target token) is refused."""
+        is (the most target tokens of a row) × K backward passes per batch. ``"mc_sequence"``: one column per sample
+        holding every target token's sampled vector at once (the sum of the per-token columns), so K backward passes
+        per batch; its outer products add cross terms between the tokens of a row whose expectation is zero (the
+        sampled tokens are independent given the teacher-forced inputs, each vector has mean zero), so it estimates
+        the same Fisher without bias, with more variance. ``"ggn"`` (the exact GGN: ``V − 1`` backward passes per
+        target token) is refused."""
         _check_fisher(fisher)
         if fisher == "ggn":
             raise ValueError(
@@ -284,10 +295,16 @@ class TokenCategorical:
         rank = (mask.long().cumsum(1) - 1)[rows, cols]
         p = torch.softmax(f[rows, cols].double(), dim=-1)  # [M, V]
         v = p.shape[-1]
-        if fisher == "mc":
+        if fisher in ("mc", "mc_sequence"):
             draws = torch.multinomial(p.float(), mc_samples, replacement=True, generator=generator)  # [M, K]
             vectors = [(p - torch.nn.functional.one_hot(draws[:, k], v).to(p.dtype)) / mc_samples**0.5
                        for k in range(mc_samples)]  # fmt: skip
+            if fisher == "mc_sequence":  # every target token at once: one backward pass per sample
+                for vec in vectors:
+                    column = torch.zeros_like(outputs)
+                    column[rows, cols] = vec.to(outputs.dtype)
+                    yield column
+                return
         else:
             vectors = [p - torch.nn.functional.one_hot(y[rows, cols], v).to(p.dtype)]
         for j in range(int(rank.max()) + 1):

@@ -231,6 +231,9 @@ def test_fisher_types_agree_in_expectation_and_empirical_uses_labels():
     gen = torch.Generator().manual_seed(0)
     mc = dense(fit_curvature(fn, batches, groups, values, fisher="mc", mc_samples=4000, generator=gen).factors[0])[0]
     torch.testing.assert_close(mc, ggn, atol=0.02 * float(ggn.abs().max()), rtol=0)
+    gen = torch.Generator().manual_seed(0)  # one output per example: the sequence MC Fisher is the MC Fisher
+    seq = fit_curvature(fn, batches, groups, values, fisher="mc_sequence", mc_samples=4000, generator=gen)
+    torch.testing.assert_close(dense(seq.factors[0])[0], mc, rtol=0, atol=0)
     emp = dense(fit_curvature(fn, batches, groups, values, fisher="empirical").factors[0])[0]
     logits = fn(None, batches[0]).double()
     r = torch.softmax(logits, -1) - torch.nn.functional.one_hot(batches[0]["labels"], 3)

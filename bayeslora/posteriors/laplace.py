@@ -72,7 +72,9 @@ class Laplace:
         structure: ``"kron"`` (K-FAC, default), ``"diag"`` (exact diagonal GGN) or ``"last_layer"``
             (K-FAC over the head only; the other adapter tensors stay at the MAP).
         backend: ``"own"`` (this engine) or ``"laplace-torch"`` (laplace-torch's public API).
-        fisher: ``"ggn"`` (exact GGN, C−1 backward passes), ``"mc"`` (sampled labels) or ``"empirical"``.
+        fisher: ``"ggn"`` (exact GGN, C−1 backward passes), ``"mc"`` (sampled labels), ``"empirical"``, or
+            ``"mc_sequence"`` (a token-level likelihood: one sampled target sequence per backward pass instead of one
+            per target token; unbiased for the same Fisher, T times cheaper; otherwise ``"mc"``).
         mc_samples: labels per example for ``fisher="mc"``.
         kfac_approx: ``"reduce"`` (sequence-level loss, default) or ``"expand"`` (laplace-torch's default).
         rank: eigenpairs kept for a low-rank Kronecker side (None: always full).
@@ -184,7 +186,8 @@ class Laplace:
         if self.fisher == "ggn":
             raise ValueError(
                 "fisher: 'ggn' over a vocabulary needs a backward pass per vocabulary entry per target token; use "
-                "fisher='mc' (sampled tokens) or fisher='empirical' (the target tokens) with a token-level likelihood."
+                "fisher='mc' (sampled tokens), fisher='mc_sequence' (a sampled sequence per backward pass, the "
+                "cheapest) or fisher='empirical' (the target tokens) with a token-level likelihood."
             )
         if self.backend != "own":
             raise ValueError(

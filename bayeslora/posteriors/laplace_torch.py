@@ -131,11 +131,11 @@ class LaplaceTorch:
         self.fn, self.names = fn, names
         kwargs: dict[str, Any] = {
             "backend": CurvlinopsEF if cfg.fisher == "empirical" else CurvlinopsGGN,
-            "backend_kwargs": {"stochastic": True} if cfg.fisher == "mc" else None,
+            "backend_kwargs": {"stochastic": True} if cfg.fisher in ("mc", "mc_sequence") else None,
         }
         if cfg.structure != "diag":
             kron: dict[str, Any] = {"kfac_approx": cfg.kfac_approx}
-            if cfg.fisher == "mc":
+            if cfg.fisher in ("mc", "mc_sequence"):
                 kron["mc_samples"] = cfg.mc_samples
             kwargs["asdl_fisher_kwargs"] = kron
         if fn.likelihood.name == "categorical":
