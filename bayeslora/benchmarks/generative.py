@@ -6,10 +6,10 @@ a K-FAC fit with the MC Fisher summed over the target tokens (per batch; ``fishe
 target token and sample, and ``"mc_sequence"``, one per sample) and the K-FAC weight-sampling predictive
 with S samples (per batch; streamed, one ``[B, T, V]`` sample held at a time), interleaved round by round in one
 process. Peak memory per operation: on CUDA ``max_memory_allocated`` over the memory allocated before the call; on a
-CPU the peak resident set size over the RSS before the call, in a forked child whose high-water mark is reset through
-``/proc/self/clear_refs`` (Linux; approximate: the allocator may reuse memory it freed earlier, so it is a lower bound
-on the call's own peak). The targets: K-FAC fit ≤ 2× a train step, S samples ≤ S× a forward, the sampling
-predictive's peak ≤ 1.3× a train step's.
+CPU the peak resident set size over the RSS before the call, in a forked child that first returns its free heap to
+the OS (glibc ``malloc_trim``) and resets its high-water mark through ``/proc/self/clear_refs`` (Linux; approximate:
+pages the allocator keeps are reused without showing, so it is a lower bound on the call's own peak). The targets:
+K-FAC fit ≤ 2× a train step, S samples ≤ S× a forward, the sampling predictive's peak ≤ 1.3× a train step's.
 """
 
 from __future__ import annotations
@@ -59,8 +59,22 @@ def _rss_bytes(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
+def _release_free_heap() -> None:
+    """Hand the allocator's free memory back to the OS (glibc ``malloc_trim``), so that the memory a call allocates
+    shows as new resident pages instead of reusing pages freed earlier."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name:
+        libc = ctypes.CDLL(name)
+        if hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)
+
+
 def cpu_peak_extra_bytes(op: Callable[[], Any]) -> int | None:
-    """The peak RSS of one call of ``op`` over the RSS before it, in a forked child (None where unsupported)."""
+    """The peak RSS of one call of ``op`` over the RSS before it, in a forked child whose free heap is first returned
+    to the OS (None where unsupported)."""
     if not (hasattr(os, "fork") and Path("/proc/self/clear_refs").exists()):
         return None
     read, write = os.pipe()
@@ -69,6 +83,7 @@ def cpu_peak_extra_bytes(op: Callable[[], Any]) -> int | None:
         code = 1
         try:
             os.close(read)
+            _release_free_heap()
             Path("/proc/self/clear_refs").write_text("5")
             before = _rss_bytes("VmRSS")
             op()
@@ -179,7 +194,8 @@ def generative_suite(opts) -> dict[str, Any]:
         },
         "memory_note": (
             "CUDA: max_memory_allocated over the allocated memory before the call; CPU: peak RSS over the RSS before "
-            "the call in a forked child (Linux clear_refs), a lower bound where the allocator reuses freed memory"
+            "the call in a forked child after malloc_trim (Linux clear_refs), a lower bound where the allocator "
+            "reuses freed memory"
         ),
     }
     t, mem = out["timings"], out["peak_extra_bytes"]
