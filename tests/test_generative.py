@@ -409,6 +409,23 @@ def test_prompt_target_encoding_masks_the_prompt_and_pads_labels_right():
     assert batch["labels"].shape == batch["input_ids"].shape and (batch["labels"][1] == IGNORE_INDEX).all()
 
 
+def test_a_chat_template_prompt_is_the_user_turn_and_the_generation_prompt():
+    """SmolLM2-Instruct's tokenizer (a chat template; transformers returns a BatchEncoding from apply_chat_template):
+    the prompt is the templated user turn up to the assistant's opening, the labels are the target and EOS."""
+    from bayeslora.data.encode import IGNORE_INDEX, prompt_target_ids
+    from bayeslora.models import load_tokenizer, locate
+
+    tok = load_tokenizer(locate("smollm2-135m"), "generative")
+    assert tok.chat_template
+    ids, labels = prompt_target_ids(tok, "Which gas do plants take in?", "carbon dioxide", max_length=96)
+    start = labels.index(next(y for y in labels if y != IGNORE_INDEX))
+    expected = tok.apply_chat_template([{"role": "user", "content": "Which gas do plants take in?"}],
+                                       add_generation_prompt=True, tokenize=False)  # fmt: skip
+    assert tok.decode(ids[:start]) == expected and all(isinstance(i, int) for i in ids)
+    assert tok.decode(labels[start:], skip_special_tokens=True) == "carbon dioxide"
+    assert labels[-1] == tok.eos_token_id and labels[:start] == [IGNORE_INDEX] * start
+
+
 def test_smoke_generative_through_the_app(tmp_path):
     import json
 

@@ -7,7 +7,7 @@ Both survive ``select``, ``shuffle``, ``filter`` and ``map``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -137,7 +137,8 @@ def prompt_target_ids(tokenizer: Any, prompt: str, target: str, max_length: int)
     if getattr(tokenizer, "chat_template", None):
         prompt_ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                                    tokenize=True)  # fmt: skip
-        prompt_ids = list(prompt_ids["input_ids"] if isinstance(prompt_ids, dict) else prompt_ids)
+        # a BatchEncoding (transformers >= 5 returns one) is a Mapping but not a dict
+        prompt_ids = list(prompt_ids["input_ids"] if isinstance(prompt_ids, Mapping) else prompt_ids)
         target_ids = tokenizer(target, add_special_tokens=False)["input_ids"]
     else:
         prompt_ids = tokenizer(prompt)["input_ids"]
