@@ -21,7 +21,7 @@ for stage in "${STAGES[@]}"; do
   sweep "${overrides[@]}" "$@"
 done
 # the table's arguments are the manifest's (tests/test_committed_tables.py regenerates it from the same)
-TABLE_ARGS='import json, sys; t = json.load(open("paper/tables/manifest.json"))["tables"]; print("\n".join(t.get(sys.argv[1], [])))'
+TABLE_ARGS='import json, sys; m = json.load(open("paper/tables/manifest.json")); t = {**m.get("pending", {}), **m["tables"]}; print("\n".join(t.get(sys.argv[1], [])))'
 mapfile -t ARGS < <("$BIN/python" -c "$TABLE_ARGS" "$STUDY")
 if [ ${#ARGS[@]} -eq 0 ]; then echo "paper/tables/manifest.json has no table '$STUDY': add its arguments there" >&2; exit 2; fi
 "${TABLES[@]}" "${ARGS[@]}" --out paper/tables --figures

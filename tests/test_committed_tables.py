@@ -26,3 +26,16 @@ def test_committed_table_regenerates_from_its_store(name, tmp_path, monkeypatch,
     capsys.readouterr()
     for path in committed:
         assert (tmp_path / path.name).read_bytes() == path.read_bytes(), f"{path.name} differs from its store"
+
+
+def test_every_committed_table_has_its_store_in_the_manifest():
+    """A table in paper/tables/ whose store is not committed could not be checked or resumed: none is committed."""
+    tables = sorted(p.stem for p in (ROOT / "paper" / "tables").glob("*.md"))
+    assert tables == sorted(MANIFEST), f"tables without a manifest entry: {sorted(set(tables) - set(MANIFEST))}"
+
+
+def test_a_pending_table_is_not_committed_before_its_store():
+    pending = json.loads((ROOT / "paper" / "tables" / "manifest.json").read_text()).get("pending", {})
+    for name, argv in pending.items():
+        assert name not in MANIFEST and not (ROOT / "paper" / "tables" / f"{name}.md").exists(), name
+        assert argv[argv.index("--name") + 1] == name
