@@ -6,15 +6,15 @@ a K-FAC fit with the MC Fisher summed over the target tokens (per batch; ``fishe
 target token and sample, and ``"mc_sequence"``, one per sample) and the K-FAC weight-sampling predictive
 with S samples (per batch; streamed, one ``[B, T, V]`` sample held at a time), interleaved round by round in one
 process. Peak memory per operation: on CUDA ``max_memory_allocated`` over the memory allocated before the call; on a
-CPU the peak resident set size over the RSS before the call, in a forked child that first returns its free heap to
-the OS (glibc ``malloc_trim``) and resets its high-water mark through ``/proc/self/clear_refs`` (Linux; approximate:
-pages the allocator keeps are reused without showing, so it is a lower bound on the call's own peak). The targets:
+CPU the peak resident set size over the RSS before the call, after returning the free heap to the OS (glibc
+``malloc_trim``) and resetting the high-water mark through ``/proc/self/clear_refs`` (Linux; approximate: pages the
+allocator keeps are reused without showing, so it is a lower bound on the call's own peak). The targets:
 K-FAC fit ≤ 2× a train step, S samples ≤ S× a forward, the sampling predictive's peak ≤ 1.3× a train step's.
 """
 
 from __future__ import annotations
 
-import os
+import gc
 import statistics
 import time
 from collections.abc import Callable
@@ -73,33 +73,21 @@ def _release_free_heap() -> None:
 
 
 def cpu_peak_extra_bytes(op: Callable[[], Any]) -> int | None:
-    """The peak RSS of one call of ``op`` over the RSS before it, in a forked child whose free heap is first returned
-    to the OS (None where unsupported)."""
-    if not (hasattr(os, "fork") and Path("/proc/self/clear_refs").exists()):
+    """The peak RSS of one call of ``op`` over the RSS before it (None where ``/proc/self/clear_refs`` is missing):
+    the allocator's free memory is returned to the OS first and the high-water mark reset, in this process (a forked
+    child would hang in OpenMP's thread pool)."""
+    clear = Path("/proc/self/clear_refs")
+    if not clear.exists():
         return None
-    read, write = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: reset the high-water mark, run once, report
-        code = 1
-        try:
-            os.close(read)
-            _release_free_heap()
-            Path("/proc/self/clear_refs").write_text("5")
-            before = _rss_bytes("VmRSS")
-            op()
-            os.write(write, str(_rss_bytes("VmHWM") - before).encode())
-            code = 0
-        except BaseException as err:  # noqa: BLE001 - the child reports and exits; the parent records None
-            os.write(write, f"error: {type(err).__name__}: {err}".encode())
-        finally:
-            os._exit(code)
-    os.close(write)
-    with os.fdopen(read) as f:
-        text = f.read()
-    _, status = os.waitpid(pid, 0)
-    if status != 0 or not text.isdigit():
-        raise RuntimeError(f"the forked memory probe failed: {text or f'exit status {status}'}")
-    return int(text)
+    gc.collect()
+    _release_free_heap()
+    try:
+        clear.write_text("5")  # resets VmHWM to the current RSS
+    except OSError:
+        return None
+    before = _rss_bytes("VmRSS")
+    op()
+    return _rss_bytes("VmHWM") - before
 
 
 def peak_extra_bytes(op: Callable[[], Any], device: torch.device) -> int | None:
@@ -194,8 +182,7 @@ def generative_suite(opts) -> dict[str, Any]:
         },
         "memory_note": (
             "CUDA: max_memory_allocated over the allocated memory before the call; CPU: peak RSS over the RSS before "
-            "the call in a forked child after malloc_trim (Linux clear_refs), a lower bound where the allocator "
-            "reuses freed memory"
+            "the call after malloc_trim (Linux clear_refs), a lower bound where the allocator reuses freed memory"
         ),
     }
     t, mem = out["timings"], out["peak_extra_bytes"]
