@@ -33,10 +33,10 @@ from typing import Any
 import torch
 from torchmetrics.functional.classification import binary_auroc, binary_calibration_error
 
-from .data.collate import IGNORE_INDEX
+from .data.collate import IGNORE_INDEX, PadCollator
 from .function import AdapterFn, model_mode
 from .generation import loaded_values
-from .metrics import ECE_BINS
+from .metrics import ECE_BINS, selective_risk
 from .posteriors import has_weight_samples
 from .rng import forked, seed_from
 from .validate import positive_int
@@ -140,25 +140,15 @@ def sequence_logprobs(fn: AdapterFn, values, prompts: Sequence[list[int]], answe
     """``log p(answer_i | prompt_i)`` under adapter ``values`` (None: the model's own), summed over the answer's
     tokens, by teacher forcing in right-padded chunks of ``chunk`` rows (float64 ``[N]``)."""
     out = torch.zeros(len(prompts), dtype=torch.float64)
-    pad = 0
+    collate = PadCollator(0, "right")  # labels are padded with the ignore index: padding is not scored
     for start in range(0, len(prompts), chunk):
-        rows = [(list(p), list(a)) for p, a in zip(prompts[start : start + chunk], answers[start : start + chunk])]
-        length = max(len(p) + len(a) for p, a in rows)
-        ids = torch.full((len(rows), length), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        labels = torch.full_like(ids, IGNORE_INDEX)
-        for i, (p, a) in enumerate(rows):
-            ids[i, : len(p) + len(a)] = torch.tensor(p + a)
-            mask[i, : len(p) + len(a)] = 1
-            labels[i, len(p) : len(p) + len(a)] = torch.tensor(a, dtype=torch.long)
-        batch = fn.to_device({"input_ids": ids, "attention_mask": mask, "labels": labels})
+        pairs = zip(prompts[start : start + chunk], answers[start : start + chunk])
+        rows = [{"input_ids": [*p, *a], "attention_mask": [1] * (len(p) + len(a)),
+                 "labels": [IGNORE_INDEX] * len(p) + list(a)} for p, a in pairs]  # fmt: skip
+        batch = fn.to_device(collate(rows))
         with torch.no_grad(), model_mode(fn.model, False):
             logits = fn(values, batch).double()  # [n, T, V]: position t predicts token t + 1
-        target = batch["labels"][:, 1:]
-        lp = torch.log_softmax(logits[:, :-1], -1)
-        keep = target != IGNORE_INDEX
-        picked = lp.gather(-1, target.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-        out[start : start + len(rows)] = (picked * keep).sum(-1).cpu()
+        out[start : start + len(rows)] = fn.likelihood.token_log_probs(logits, batch["labels"]).sum(-1).cpu()
     return out
 
 
@@ -248,9 +238,7 @@ def answer_samples(
 
 def selective_aurc(confidence: torch.Tensor, correct: torch.Tensor) -> float:
     """Area under the risk–coverage curve keeping the most confident first (lower is better)."""
-    order = torch.argsort(confidence.double(), descending=True, stable=True)
-    errors = (~correct.bool()[order]).double()
-    return float((errors.cumsum(0) / torch.arange(1, len(errors) + 1, dtype=torch.float64)).mean())
+    return float(selective_risk(confidence, ~correct.bool())[1].mean())
 
 
 def _auroc_of_errors(uncertainty: torch.Tensor, correct: torch.Tensor) -> float | None:

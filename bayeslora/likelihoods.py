@@ -49,11 +49,15 @@ import torch
 FISHERS = ("ggn", "mc", "empirical", "mc_sequence")
 
 
-def _check_fisher(fisher: str) -> str:
-    """The Fisher type, checked; ``"mc_sequence"`` is ``"mc"`` for a likelihood with one output per example."""
+def _check_fisher(fisher: str) -> None:
     if fisher not in FISHERS:
         raise ValueError(f"fisher: expected one of {list(FISHERS)}, got {fisher!r}.")
-    return fisher
+
+
+def _per_example_fisher(fisher: str) -> str:
+    """The Fisher type, checked, for a likelihood with one output per example: ``"mc_sequence"`` is ``"mc"``."""
+    _check_fisher(fisher)
+    return "mc" if fisher == "mc_sequence" else fisher
 
 
 @runtime_checkable
@@ -85,7 +89,7 @@ class Categorical:
         """``"ggn"``: the exact square root of ``diag(p) − p pᵀ`` with ``K = C − 1`` (the Hessian annihilates
         the all-ones direction); ``"mc"``: ``K = mc_samples`` sampled-label gradients ``(p − e_ŷ)/√K``;
         ``"empirical"``: the true-label gradient ``p − e_y``; ``"mc_sequence"`` is ``"mc"`` (one output per example)."""
-        fisher = "mc" if _check_fisher(fisher) == "mc_sequence" else fisher
+        fisher = _per_example_fisher(fisher)
         p = torch.softmax(outputs.detach().double(), dim=-1)
         b, c = p.shape
         if fisher == "ggn":
@@ -145,7 +149,7 @@ class Gaussian:
         """``"ggn"``: ``I / σ`` (``K = O``: the Hessian ``I / σ²`` is constant); ``"mc"``: ``ε / σ`` with
         ``ε ~ N(0, I)`` (``E[ε εᵀ] = I``), ``K = mc_samples`` scaled by ``1/√K``; ``"empirical"``: ``(f − y) / σ²``;
         ``"mc_sequence"`` is ``"mc"``."""
-        fisher = "mc" if _check_fisher(fisher) == "mc_sequence" else fisher
+        fisher = _per_example_fisher(fisher)
         b, o = outputs.shape
         if fisher == "ggn":
             eye = torch.eye(o, dtype=outputs.dtype, device=outputs.device) / self.noise_std

@@ -89,14 +89,20 @@ def ece(log_probs: torch.Tensor, labels: torch.Tensor, n_bins: int = ECE_BINS) -
     return multiclass_calibration_error(probs, y, num_classes=lp.shape[1], n_bins=n_bins, norm="l1").item()
 
 
+def selective_risk(confidence: torch.Tensor, errors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Selective-prediction curve of per-example ``confidence`` and ``errors`` (bool): (coverage [N], risk [N])
+    keeping the most confident first."""
+    order = torch.argsort(confidence, descending=True, stable=True)
+    wrong = errors[order].double()
+    k = torch.arange(1, len(wrong) + 1, dtype=torch.float64)
+    return k / len(wrong), wrong.cumsum(0) / k
+
+
 def risk_coverage(log_probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Selective-prediction curve: (coverage [N], risk [N]) keeping the most confident first."""
     lp, y = _check(log_probs, labels)
     conf, pred = lp.max(-1)
-    order = torch.argsort(conf, descending=True, stable=True)
-    errors = (pred[order] != y[order]).double()
-    k = torch.arange(1, len(errors) + 1, dtype=torch.float64)
-    return k / len(errors), errors.cumsum(0) / k
+    return selective_risk(conf, pred != y)
 
 
 def aurc(log_probs: torch.Tensor, labels: torch.Tensor) -> float:

@@ -329,7 +329,8 @@ def _answers(cfg, setup: _Setup, result: dict[str, Any], timings: dict[str, floa
     if not spec:
         return {}
     from .answers import answer_metrics
-    from .data.collate import IGNORE_INDEX
+    from .data.collate import IGNORE_INDEX, PadCollator
+    from .formats import GENERATION_PADDING_SIDE
 
     t = time.perf_counter()
     tok, rows = setup.tokenizer, setup.task.test
@@ -341,17 +342,15 @@ def _answers(cfg, setup: _Setup, result: dict[str, Any], timings: dict[str, floa
         target = [y for y in labels[start:] if y != tok.eos_token_id]
         prompts.append(list(ids[:start]))
         gold.append(tok.decode(target, skip_special_tokens=True))
-    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    collate = PadCollator(tok.pad_token_id if tok.pad_token_id is not None else 0, GENERATION_PADDING_SIDE)
     generator = torch.Generator().manual_seed(int(cfg["seed"]))
     records, size = [], int(cfg["eval"]["batch_size"])
     for start in range(0, len(prompts), size):
-        chunk = prompts[start : start + size]
-        width = max(len(p) for p in chunk)
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in chunk])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in chunk])
+        batch = collate([{"input_ids": p, "attention_mask": [1] * len(p), "labels": [IGNORE_INDEX] * len(p)}
+                         for p in prompts[start : start + size]])  # fmt: skip
         records += setup.bl.answer_uncertainty(
-            ids, mask, tok, n_samples=int(spec.get("n_samples", 8)), max_new_tokens=int(spec.get("max_new_tokens", 16)),
-            generator=generator,
+            batch["input_ids"], batch["attention_mask"], tok, n_samples=int(spec.get("n_samples", 8)),
+            max_new_tokens=int(spec.get("max_new_tokens", 16)), generator=generator,
         )  # fmt: skip
     metrics = {k: v for k, v in answer_metrics(records, gold).items() if v is not None and k != "n"}
     result["splits"]["test_answers"] = metrics

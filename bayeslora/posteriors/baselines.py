@@ -24,8 +24,7 @@ from ..rng import forked, seed_from
 from ..validate import positive_int
 from . import Needs, accepts, make_posterior, predictive_of, refuse_token_level, require_fitted, sample_count
 
-# The methods this module registers (read by bayeslora.posteriors without importing this module): name ->
-# the factory's attribute name, or (attribute, options the method fixes).
+# the methods this module registers (bayeslora.posteriors.discover)
 REGISTER = {
     "mc_dropout": "MCDropout",
     "temperature": "TemperatureScaling",

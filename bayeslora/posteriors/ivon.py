@@ -34,8 +34,7 @@ from ..train import TrainConfig, train_map
 from ..validate import positive
 from . import Needs, predictive_of, require_fitted, sample_count
 
-# The methods this module registers (read by bayeslora.posteriors without importing this module): name ->
-# the factory's attribute name, or (attribute, options the method fixes).
+# the methods this module registers (bayeslora.posteriors.discover)
 REGISTER = {"ivon": "IVONPosterior"}
 
 

@@ -31,8 +31,7 @@ from . import Needs, predictive_of, registered_name, require_fitted, sample_coun
 from .kfac import KFAC_APPROX
 from .laplace_own import LaplaceSettings, OwnLaplace
 
-# The methods this module registers (read by bayeslora.posteriors without importing this module): name ->
-# the factory's attribute name, or (attribute, options the method fixes).
+# the methods this module registers (bayeslora.posteriors.discover)
 REGISTER = {
     "kfac_laplace": ("Laplace", {"structure": "kron"}),
     "diag_laplace": ("Laplace", {"structure": "diag"}),

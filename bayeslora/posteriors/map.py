@@ -11,8 +11,7 @@ from ..function import AdapterFn, model_mode
 from ..predictive import Predictive
 from . import Needs, predictive_of, require_fitted, sample_count
 
-# The methods this module registers (read by bayeslora.posteriors without importing this module): name ->
-# the factory's attribute name, or (attribute, options the method fixes).
+# the methods this module registers (bayeslora.posteriors.discover)
 REGISTER = {"map": "MAP"}
 
 

@@ -22,8 +22,7 @@ from . import Needs, predictive_of, require_fitted, sample_count
 from .ensemble import Ensemble
 from .swag import SWAG
 
-# The methods this module registers (read by bayeslora.posteriors without importing this module): name ->
-# the factory's attribute name, or (attribute, options the method fixes).
+# the methods this module registers (bayeslora.posteriors.discover)
 REGISTER = {"multiswag": "MultiSWAG"}
 
 

@@ -30,8 +30,7 @@ from ..train import TrainCallback, TrainConfig, TrainStep, train_map
 from ..validate import positive, positive_int
 from . import Needs, predictive_of, require_fitted, sample_count
 
-# The methods this module registers (read by bayeslora.posteriors without importing this module): name ->
-# the factory's attribute name, or (attribute, options the method fixes).
+# the methods this module registers (bayeslora.posteriors.discover)
 REGISTER = {"swag": "SWAG"}
 
 SCHEDULES = ("constant", "cyclic")

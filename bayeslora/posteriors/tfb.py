@@ -29,8 +29,7 @@ from ..predictive import Predictive, TokenPredictive
 from ..validate import positive, positive_int
 from . import Needs, predictive_of, require_fitted, sample_count
 
-# The methods this module registers (read by bayeslora.posteriors without importing this module): name ->
-# the factory's attribute name, or (attribute, options the method fixes).
+# the methods this module registers (bayeslora.posteriors.discover)
 REGISTER = {"tfb": "TFB"}
 
 METRICS = ("nll", "acc")

@@ -58,8 +58,7 @@ from .vi_guides import (
     scaled_guide,
 )
 
-# The methods this module registers (read by bayeslora.posteriors without importing this module): name ->
-# the factory's attribute name, or (attribute, options the method fixes).
+# the methods this module registers (bayeslora.posteriors.discover)
 REGISTER = {
     "vi_meanfield": ("Variational", {"guide": "meanfield"}),
     "vi_lowrank": ("Variational", {"guide": "lowrank"}),
